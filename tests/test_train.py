@@ -1,0 +1,86 @@
+"""Training on real files through the CLI: messy CSVs, bad data, nothing left RUNNING."""
+import numpy as np
+import pandas as pd
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from conftest import run_cli
+
+
+def _messy_csv(path, n=240, seed=0):
+    rng = np.random.default_rng(seed)
+    size = rng.uniform(30, 200, n)
+    city = rng.choice(["lisbon", "porto", "braga"], n)
+    age = rng.integers(0, 80, n).astype(float)
+    price = 1000 * size * np.where(city == "lisbon", 1.5, 1.0) - 200 * age + rng.normal(0, 5000, n)
+    df = pd.DataFrame({"size_m2": size, "city": city, "age": age, "garage": rng.choice(["yes", "no"], n), "price": price})
+    df.loc[rng.choice(n, 25, replace=False), "size_m2"] = np.nan
+    df.loc[rng.choice(n, 25, replace=False), "city"] = None
+    df.loc[rng.choice(n, 5, replace=False), "price"] = np.nan  # dropped, counted
+    df.to_csv(path, index=False)
+    return df
+
+
+def test_csv_with_missing_values_and_categories_trains_without_manual_preprocessing(project):
+    _messy_csv(project / "houses.csv")
+    r = run_cli("train", "-o", "data.source=../houses.csv", "-o", "data.target=price",
+                "-o", "model.name=houses", "-o", "model.params.n_estimators=30", cwd=project)
+    assert r.returncode == 0, r.stderr
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    client = MlflowClient()
+    v = client.get_model_version("houses", "1")
+    run = client.get_run(v.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.rows_dropped"] == "5"
+    assert run.data.metrics["r2"] > 0.5
+    model = mlflow.pyfunc.load_model("models:/houses/1")
+    raw = pd.DataFrame({"size_m2": [100.0, np.nan], "city": ["lisbon", "faro"], "age": [10.0, 3.0], "garage": ["no", None]})
+    pred = model.predict(raw)  # missing values and an unseen category, straight from raw rows
+    assert pred.shape == (2,) and np.isfinite(pred).all()
+    # the dataset input names the file and its digest changes with the content
+    ds = [d.dataset for d in run.inputs.dataset_inputs]
+    assert {d.name for d in ds} == {"training", "evaluation"} and all("houses.csv" in d.source for d in ds)
+
+
+def test_digest_changes_when_the_data_changes(project):
+    df = _messy_csv(project / "houses.csv")
+    args = ["train", "--no-register", "-o", "data.source=../houses.csv", "-o", "data.target=price",
+            "-o", "model.params.n_estimators=10"]
+    assert run_cli(*args, cwd=project).returncode == 0
+    df.loc[0, "age"] = 79.0
+    df.to_csv(project / "houses.csv", index=False)
+    assert run_cli(*args, cwd=project).returncode == 0
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    exp = client.get_experiment_by_name("development")
+    runs = client.search_runs([exp.experiment_id])
+    digests = [{d.dataset.name: d.dataset.digest for d in r.inputs.dataset_inputs}["training"] for r in runs]
+    assert len(set(digests)) == 2
+
+
+def test_bad_data_fails_before_any_run(project):
+    pd.DataFrame({"a": [1, 2, 3, 4, 5], "price": ["1", "2", "cheap", "4", "5"]}).to_csv(project / "t.csv", index=False)
+    cases = [
+        (["-o", "data.source=../t.csv", "-o", "data.target=price"], "data.target: column 'price' must be numeric for a regressor, got 'cheap'"),
+        (["-o", "data.source=../t.csv", "-o", "data.target=cost"], "data.target: column 'cost' not in the data"),
+        (["-o", "data.source=../nope.parquet"], "data.source: file not found"),
+        (["-o", "model.type=NoSuchModel"], "override model.type=NoSuchModel: unknown model type 'NoSuchModel'"),
+        (["-o", "model.params.max_depth=-4"], "override model.params.max_depth=-4: "),
+    ]
+    for args, expected in cases:
+        r = run_cli("train", *args, cwd=project)
+        assert r.returncode == 2, (args, r.stderr)
+        assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    db = project / "mlflow.db"
+    if db.exists():
+        client = MlflowClient(f"sqlite:///{db}")
+        assert all(not client.search_runs([e.experiment_id]) for e in client.search_experiments())
+
+
+def test_failure_inside_the_run_marks_it_failed_and_registers_nothing(project):
+    r = run_cli("train", "-o", "model.type=KNeighborsRegressor", "-o", "model.params={n_neighbors: 5000}", cwd=project)
+    assert r.returncode != 0
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    exp = client.get_experiment_by_name("development")
+    runs = client.search_runs([exp.experiment_id])
+    assert [x.info.status for x in runs] == ["FAILED"]
+    assert client.search_model_versions("name = 'diabetes_regressor'") == []
