@@ -3,10 +3,8 @@
 2,000 step values into one run on a fresh SQLite store, same process, both ways, N rounds;
 reports medians and the ratio. Anchor: the log_metric loop. Target: >= 15x.
 
-    python benchmarks/logging.py [--values 2000] [--rounds 5]
+    python benchmarks/metric_logging.py [--values 2000] [--rounds 5]
 """
-import sys
-sys.path.pop(0)  # this file is named logging.py: keep its folder from shadowing the standard library's logging
 import argparse, os, statistics, tempfile, time
 from pathlib import Path
 
