@@ -112,3 +112,22 @@ def test_sweep_8_trials_4_workers_on_a_fresh_sqlite_store(project):
                               "key = 'mlflow_nb.kind' and value = 'sweep')").fetchall()
     assert sweep_status == [("FINISHED",)]
     assert "rmse" in r.stdout  # the summary table
+
+
+def test_mlproject_pipeline_entry_point(project):
+    "`mlflow run . -e pipeline --env-manager local` adopts MLflow's run as the pipeline run."
+    import os, shutil, subprocess, sys
+    from pathlib import Path
+    from conftest import ROOT
+    for f in ("MLproject", "python_env.yaml"): shutil.copy(ROOT / f, project / f)
+    shutil.copytree(ROOT / "nbs" / "pipeline", project / "nbs" / "pipeline")
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db"}
+    r = subprocess.run([f"{bin_dir}/mlflow", "run", ".", "-e", "pipeline", "--env-manager", "local", "--experiment-name",
+                        "development", "-P", "steps=train", "-P", "config=configs"], cwd=project, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    client = _client(project)
+    [parent] = _pipeline_runs(client)
+    assert parent.info.status == "FINISHED" and parent.data.tags.get("mlflow.project.entryPoint") == "pipeline"
+    assert list(_children(client, parent.info.run_id)) == ["train"]
