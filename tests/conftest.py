@@ -6,16 +6,18 @@ import pytest
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 ROOT = Path(__file__).resolve().parents[1]
+_BASELINE_URIS = (f"sqlite:///{ROOT / 'tests' / '.unused-default.db'}",) * 2  # a test that forgets to set a store fails loudly here
 CONFIGS = ROOT / "configs"
 
 
 @pytest.fixture(autouse=True)
 def clean_mlflow_state():
     "Restore MLFLOW_* variables and end any run a test left active."
+    import mlflow
     saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
     yield
-    import mlflow
     while mlflow.active_run(): mlflow.end_run("KILLED")
+    mlflow.set_tracking_uri(_BASELINE_URIS[0]); mlflow.set_registry_uri(_BASELINE_URIS[1])  # setup_tracking sets both globally
     for k in [k for k in os.environ if k.startswith("MLFLOW_")]: del os.environ[k]
     os.environ.update(saved)
 

@@ -12,7 +12,7 @@ def test_init_creates_store_experiments_and_environment_run(project):
     r = run_cli("init", cwd=project)
     assert r.returncode == 0, r.stderr
     assert (project / "mlflow.db").exists()  # ../mlflow.db resolved against configs/, not the cwd
-    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db", f"sqlite:///{project}/mlflow.db")
     dev = client.get_experiment_by_name("development")
     assert dev.artifact_location == (project / "artifacts" / "development").as_uri()
     assert client.get_experiment_by_name("production") is not None
@@ -78,7 +78,7 @@ def test_four_processes_set_up_the_same_fresh_sqlite_store(tmp_path, attempt):
     assert [o[0] for o in outcomes] == ["ok"] * 4, outcomes
     assert len({o[1] for o in outcomes}) == 1  # one experiment, not four
     # the schema is complete: a later client opens it and finds both experiments
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, uri)
     names = {e.name for e in client.search_experiments()}
     assert {"development", "production"} <= names
     head = sqlite3.connect(db).execute("select version_num from alembic_version").fetchall()

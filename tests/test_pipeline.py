@@ -10,7 +10,7 @@ FAST = ["-o", "model.params.n_estimators=30", "-o", "validation.cv_folds=3"]
 
 
 def _client(project):
-    return MlflowClient(f"sqlite:///{project}/mlflow.db")
+    return MlflowClient(f"sqlite:///{project}/mlflow.db", f"sqlite:///{project}/mlflow.db")
 
 
 def _children(client, parent_id):

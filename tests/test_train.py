@@ -26,8 +26,9 @@ def test_csv_with_missing_values_and_categories_trains_without_manual_preprocess
     r = run_cli("train", "-o", "data.source=../houses.csv", "-o", "data.target=price",
                 "-o", "model.name=houses", "-o", "model.params.n_estimators=30", cwd=project)
     assert r.returncode == 0, r.stderr
-    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
-    client = MlflowClient()
+    uri = f"sqlite:///{project}/mlflow.db"
+    mlflow.set_tracking_uri(uri); mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, uri)
     v = client.get_model_version("houses", "1")
     run = client.get_run(v.run_id)
     assert run.info.status == "FINISHED"
@@ -50,7 +51,7 @@ def test_digest_changes_when_the_data_changes(project):
     df.loc[0, "age"] = 79.0
     df.to_csv(project / "houses.csv", index=False)
     assert run_cli(*args, cwd=project).returncode == 0
-    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db", f"sqlite:///{project}/mlflow.db")
     exp = client.get_experiment_by_name("development")
     runs = client.search_runs([exp.experiment_id])
     digests = [{d.dataset.name: d.dataset.digest for d in r.inputs.dataset_inputs}["training"] for r in runs]
@@ -72,14 +73,14 @@ def test_bad_data_fails_before_any_run(project):
         assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     db = project / "mlflow.db"
     if db.exists():
-        client = MlflowClient(f"sqlite:///{db}")
+        client = MlflowClient(f"sqlite:///{db}", f"sqlite:///{db}")
         assert all(not client.search_runs([e.experiment_id]) for e in client.search_experiments())
 
 
 def test_failure_inside_the_run_marks_it_failed_and_registers_nothing(project):
     r = run_cli("train", "-o", "model.type=KNeighborsRegressor", "-o", "model.params={n_neighbors: 5000}", cwd=project)
     assert r.returncode != 0
-    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db", f"sqlite:///{project}/mlflow.db")
     exp = client.get_experiment_by_name("development")
     runs = client.search_runs([exp.experiment_id])
     assert [x.info.status for x in runs] == ["FAILED"]
