@@ -20,7 +20,7 @@ def test_init_creates_store_experiments_and_environment_run(project):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["env.python"].count(".") == 2
     arts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "configs")}
-    assert arts == {"configs/mlflow_config.yaml", "configs/model_config.yaml"}
+    assert arts == {"configs/mlflow_config.yaml", "configs/model_config.yaml", "configs/serving_config.yaml"}
 
 
 def test_init_from_another_directory_uses_the_same_store(project):
