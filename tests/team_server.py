@@ -1,0 +1,117 @@
+"""Team-scale stores for the tests and CI: PostgreSQL 15 plus an `mlflow server` on loopback.
+
+    python tests/team_server.py start DIR   # prints the tracking URI; state and logs in DIR
+    python tests/team_server.py stop DIR    # stops both (by the PIDs recorded in DIR)
+
+PostgreSQL refuses to run as root, so its commands run as the `postgres` user (runuser) when we are root.
+Everything listens on 127.0.0.1 on free ports; the data lives in DIR.
+"""
+import json, os, shutil, signal, socket, subprocess, sys, time
+from pathlib import Path
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+
+def _pg_bin(name):
+    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (d / name).exists(): return str(d / name)
+    found = shutil.which(name)
+    if not found: raise RuntimeError(f"PostgreSQL's {name} is not installed")
+    return found
+
+
+def _as_postgres(cmd):
+    return (["runuser", "-u", "postgres", "--"] + cmd) if os.geteuid() == 0 else cmd
+
+
+def available() -> bool:
+    try: _pg_bin("initdb"); _pg_bin("pg_ctl"); return True
+    except RuntimeError: return False
+
+
+def start(folder) -> dict:
+    "Start PostgreSQL and an MLflow server on it; returns {'uri', 'pg_port', 'mlflow_pid', ...}."
+    d = Path(folder).resolve(); d.mkdir(parents=True, exist_ok=True)
+    pgdata, sock = d / "pgdata", d / "pgsock"
+    sock.mkdir(exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(d, "postgres"); shutil.chown(sock, "postgres")
+    subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(pgdata), "--auth=trust", "-U", "postgres", "-E", "UTF8"]),
+                   check=True, capture_output=True)
+    pg_port = _free_port()
+    subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(pgdata), "-l", str(d / "postgres.log"), "-w", "-o",
+                                 f"-p {pg_port} -k {sock} -c listen_addresses=127.0.0.1 -c max_connections=200", "start"]),
+                   check=True, capture_output=True)
+    subprocess.run(_as_postgres([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", "postgres", "mlflow"]),
+                   check=True, capture_output=True)
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    log = open(d / "mlflow-server.log", "w")
+    proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri",
+                             f"postgresql+psycopg2://postgres@127.0.0.1:{pg_port}/mlflow", "--artifacts-destination",
+                             str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                            start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    import urllib.request
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None: raise RuntimeError((d / "mlflow-server.log").read_text()[-3000:])
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200: break
+        except OSError: time.sleep(0.5)
+    else:
+        raise RuntimeError("mlflow server did not become healthy")
+    state = {"uri": uri, "pg_port": pg_port, "pgdata": str(pgdata), "mlflow_pid": proc.pid, "port": port, "dir": str(d)}
+    (d / "state.json").write_text(json.dumps(state))
+    return state
+
+
+def stop_mlflow(state: dict) -> None:
+    "Stop the MLflow server (its whole process group: uvicorn and its worker)."
+    try: os.killpg(state["mlflow_pid"], signal.SIGTERM)
+    except ProcessLookupError: return
+    for _ in range(100):
+        try: os.kill(state["mlflow_pid"], 0); time.sleep(0.1)
+        except ProcessLookupError: return
+    try: os.killpg(state["mlflow_pid"], signal.SIGKILL)
+    except ProcessLookupError: pass
+
+
+def restart_mlflow(state: dict) -> dict:
+    "Start the MLflow server again on the same port and database (after stop_mlflow)."
+    d = Path(state["dir"])
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                             f"postgresql+psycopg2://postgres@127.0.0.1:{state['pg_port']}/mlflow", "--artifacts-destination",
+                             str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(state["port"]), "--workers", "1"],
+                            stdout=open(d / "mlflow-server.log", "a"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, start_new_session=True)
+    import urllib.request
+    for _ in range(360):
+        try:
+            with urllib.request.urlopen(f"{state['uri']}/health", timeout=2): break
+        except OSError: time.sleep(0.5)
+    state = {**state, "mlflow_pid": proc.pid}
+    (d / "state.json").write_text(json.dumps(state))
+    return state
+
+
+def stop(folder) -> None:
+    "Stop the MLflow server and PostgreSQL started in `folder`."
+    d = Path(folder).resolve()
+    f = d / "state.json"
+    if not f.exists(): return
+    state = json.loads(f.read_text())
+    stop_mlflow(state)
+    subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", state["pgdata"], "-m", "fast", "-w", "stop"]), capture_output=True)
+    f.unlink()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in ("start", "stop"): raise SystemExit(__doc__)
+    if sys.argv[1] == "start": print(start(sys.argv[2])["uri"])
+    else: stop(sys.argv[2])
