@@ -1,0 +1,122 @@
+"""Bad input, in bulk: malformed configs and CLI arguments give one clear line and exit 2, leave no run
+RUNNING and move no alias. (Malformed HTTP bodies are in test_serve.py.)"""
+import contextlib, io
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import run_cli
+
+
+def cli(*args):
+    "The CLI in this process (each case still goes through argparse, the config loader and the error handler)."
+    from mlflow_nb.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try: code = main(list(args))
+        except SystemExit as e: code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+MODEL_EDITS = [  # (old text, new text, what the one-line error must say)
+    ("test_size: 0.2", "test_size: 1.5", "training.test_size: must be between 0 and 1, got 1.5"),
+    ("test_size: 0.2", "test_size: 0", "training.test_size: must be between 0 and 1, got 0"),
+    ("test_size: 0.2", "test_size: lots", "training.test_size: input should be a valid number"),
+    ("random_state: 42", "random_state: 4.5", "training.random_state: input should be a valid integer"),
+    ("test_size:", "test_sise:", "training.test_sise: unknown key (did you mean 'test_size'?"),
+    ("training:", "trainning:", "trainning: unknown key (did you mean 'training'?"),
+    ('type: "RandomForestRegressor"', 'type: "RandomForestRegresor"', "model.type: unknown model type 'RandomForestRegresor'"),
+    ('type: "RandomForestRegressor"', 'type: "os.system"', "model.type:"),
+    ("max_depth: 10", "max_dpeth: 10", "model.params.max_dpeth: RandomForestRegressor has no parameter 'max_dpeth'"),
+    ("n_estimators: 100", "n_estimators: -1", "model.params.n_estimators:"),
+    ("max_depth: 10", "max_depth: deep", "model.params.max_depth:"),
+    ('- "mae"', '- "mea"', "metrics.1: unknown metric 'mea' (did you mean 'mae'?)"),
+    ('- "rmse"', '- "accuracy"', "metrics.0: 'accuracy' is a classification metric"),
+    ('- "mae"', '- "rmse"', "metrics: each metric may appear once"),
+    ("cv_folds: 5", "cv_folds: 1", "validation.cv_folds: must be at least 2, got 1"),
+    ('name: "diabetes_regressor"', "name: ''", "model.name: string should have at least 1 character"),
+    ('alias: "champion"', 'alias: "my champion!"', "promotion.alias: string should match pattern"),
+    ("rmse: {max: 70.0}", "rmse: {}", "promotion.thresholds.rmse.max: give min, max or both"),
+    ("rmse: {max: 70.0}", "accuracy: {min: 0.9}", "promotion.thresholds.accuracy: not a metric this model logs"),
+    ("min_delta: 0.0", "min_delta: -1", "promotion.min_delta: input should be greater than or equal to 0"),
+    ('target: "target"', "target: [a, b]", "data.target: input should be a valid string"),
+    ("features: null", "features: target", "data.features: input should be a valid list"),
+    ("model:\n", "model: 3\nold_model:\n", "model: expected a mapping of keys, got 3"),
+    ("validation:\n  cv_folds: 5", "validation:\n  cv_folds: 5\n   oops: [", "YAML syntax error"),
+]
+MLFLOW_EDITS = [
+    ('level: "INFO"', 'level: "LOUD"', "logging.level: input should be 'DEBUG'"),
+    ('default: "development"', 'default: "  "', "experiments: experiments.default must not be empty"),
+    ("tracking_server:", "tracking_servers:", "tracking_servers: unknown key (did you mean 'tracking_server'?"),
+]
+SERVING_EDITS = [
+    ("port: 8080", "port: 99999", "serve.port: input should be less than or equal to 65535"),
+    ("max_wait_ms: 2.0", "max_wait_ms: -1", "serve.max_wait_ms: input should be greater than or equal to 0"),
+    ('sinks: ["log", "mlflow"]', 'sinks: ["email"]', "monitor.sinks.0: input should be 'log', 'mlflow' or 'webhook'"),
+    ("rmse: 0.25", "rmsd: 0.25", "monitor.performance_tolerance: unknown metric 'rmsd'"),
+]
+
+
+@pytest.mark.parametrize("fname,old,new,expected", [("model_config.yaml", *e) for e in MODEL_EDITS] +
+                         [("mlflow_config.yaml", *e) for e in MLFLOW_EDITS] + [("serving_config.yaml", *e) for e in SERVING_EDITS])
+def test_malformed_config_is_one_line_exit_2_and_touches_nothing(project, fname, old, new, expected):
+    f = project / "configs" / fname
+    text = f.read_text()
+    assert old in text, f"test case does not apply: {old!r}"
+    f.write_text(text.replace(old, new, 1))
+    for command in (["train"], ["run"], ["promote", "--best"]):
+        code, out, err = cli(*command)
+        assert code == 2, (command, err)
+        assert err.startswith(f"mlflow-nb: error: configs/{fname}: ") and expected in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert not (project / "mlflow.db").exists()  # a bad config is caught before any store is opened
+
+
+def test_empty_and_missing_config_files(project):
+    (project / "configs" / "model_config.yaml").write_text("")
+    assert "model_config.yaml: file is empty" in cli("train")[2]
+    (project / "configs" / "model_config.yaml").unlink()
+    assert "model_config.yaml: file not found" in cli("train")[2]
+    assert "config folder not found" in cli("train", "--config", "nowhere")[2]
+
+
+BAD_ARGS = [
+    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["teach"], "invalid choice: 'teach'"),
+    ([], "the following arguments are required: COMMAND"),
+    (["train", "-o", "no_equals"], "expected KEY.SUB=VALUE"),
+    (["train", "-o", "nosuchsection.x=1"], "unknown key 'nosuchsection'"),
+    (["promote"], "--version N or --best"),
+    (["promote", "--version", "1", "--best"], "not allowed with argument"),
+    (["sweep", "--workers", "two"], "invalid int value: 'two'"),
+    (["sweep", "--workers", "0", "-g", "model.params.max_depth=2,3"], "--workers: must be at least 1"),
+    (["sweep", "-g", "max_depth"], "expected KEY=V1,V2"),
+    (["run", "--steps", "train,deploy"], "unknown step 'deploy'"),
+    (["run", "-p", "1bad=2"], "expected NAME=VALUE"),
+    (["serve", "--port", "http"], "invalid int value: 'http'"),
+    (["serve", "--model", "onlyname"], "expected NAME@ALIAS"),
+    (["monitor"], "the following arguments are required: --current"),
+    (["cleanup", "--older-than", "-1"], "--older-than: must be >= 0 hours"),
+    (["reproduce"], "the following arguments are required: run_id"),
+]
+
+
+@pytest.mark.parametrize("args,expected", BAD_ARGS)
+def test_bad_cli_arguments_are_one_line_exit_2(project, args, expected):
+    code, out, err = cli(*args)
+    assert code == 2 and expected in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_no_run_left_running_and_no_alias_moved_by_bad_input(project):
+    assert cli("train", "-o", "model.params.n_estimators=10")[0] == 0
+    assert cli("promote", "--version", "1")[0] == 0
+    for args in (["train", "-o", "data.target=nope"], ["train", "-o", "model.type=KNeighborsRegressor", "-o", "model.params={n_neighbors: 9999}"],
+                 ["promote", "--version", "7"], ["promote", "--version", "1", "-o", "promotion.thresholds.rmse={max: 1}"],
+                 ["rollback"], ["run", "-p", "metric=nope", "--steps", "select"]):
+        code, out, err = cli(*args)
+        assert code in (1, 2), (args, err)
+    uri = f"sqlite:///{project}/mlflow.db"
+    client = MlflowClient(uri, uri)
+    assert all(r.info.status != "RUNNING" for e in client.search_experiments() for r in client.search_runs([e.experiment_id]))
+    assert str(client.get_model_version_by_alias("diabetes_regressor", "champion").version) == "1"
