@@ -6,7 +6,7 @@
 PostgreSQL refuses to run as root, so its commands run as the `postgres` user (runuser) when we are root.
 Everything listens on 127.0.0.1 on free ports; the data lives in DIR.
 """
-import json, os, shutil, signal, socket, subprocess, sys, time
+import json, os, shutil, signal, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 
 
@@ -35,14 +35,16 @@ def available() -> bool:
 def start(folder) -> dict:
     "Start PostgreSQL and an MLflow server on it; returns {'uri', 'pg_port', 'mlflow_pid', ...}."
     d = Path(folder).resolve(); d.mkdir(parents=True, exist_ok=True)
-    pgdata, sock = d / "pgdata", d / "pgsock"
-    sock.mkdir(exist_ok=True)
+    # PostgreSQL's own folder lives where the postgres user can reach it (pytest's and mktemp's folders are 0700)
+    pg = Path(tempfile.mkdtemp(prefix="mlflow_nb_pg_")); pg.chmod(0o755)
+    pgdata, sock = pg / "data", pg / "sock"
+    sock.mkdir()
     if os.geteuid() == 0:
-        shutil.chown(d, "postgres"); shutil.chown(sock, "postgres")
+        shutil.chown(pg, "postgres"); shutil.chown(sock, "postgres")
     subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(pgdata), "--auth=trust", "-U", "postgres", "-E", "UTF8"]),
                    check=True, capture_output=True)
     pg_port = _free_port()
-    subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(pgdata), "-l", str(d / "postgres.log"), "-w", "-o",
+    subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(pgdata), "-l", str(pg / "postgres.log"), "-w", "-o",
                                  f"-p {pg_port} -k {sock} -c listen_addresses=127.0.0.1 -c max_connections=200", "start"]),
                    check=True, capture_output=True)
     subprocess.run(_as_postgres([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", "postgres", "mlflow"]),
@@ -66,7 +68,7 @@ def start(folder) -> dict:
         except OSError: time.sleep(0.5)
     else:
         raise RuntimeError("mlflow server did not become healthy")
-    state = {"uri": uri, "pg_port": pg_port, "pgdata": str(pgdata), "mlflow_pid": proc.pid, "port": port, "dir": str(d)}
+    state = {"uri": uri, "pg_port": pg_port, "pgdata": str(pgdata), "pg_dir": str(pg), "mlflow_pid": proc.pid, "port": port, "dir": str(d)}
     (d / "state.json").write_text(json.dumps(state))
     return state
 
@@ -108,6 +110,7 @@ def stop(folder) -> None:
     state = json.loads(f.read_text())
     stop_mlflow(state)
     subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", state["pgdata"], "-m", "fast", "-w", "stop"]), capture_output=True)
+    shutil.rmtree(state.get("pg_dir", ""), ignore_errors=True)
     f.unlink()
 
 
