@@ -122,7 +122,8 @@ def test_mlproject_pipeline_entry_point(project):
     for f in ("MLproject", "python_env.yaml"): shutil.copy(ROOT / f, project / f)
     shutil.copytree(ROOT / "nbs" / "pipeline", project / "nbs" / "pipeline")
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db"}
+    from conftest import child_env
+    env = child_env({"PATH": bin_dir + os.pathsep + os.environ["PATH"], "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db"})
     r = subprocess.run([f"{bin_dir}/mlflow", "run", ".", "-e", "pipeline", "--env-manager", "local", "--experiment-name",
                         "development", "-P", "steps=train", "-P", "config=configs"], cwd=project, env=env,
                        capture_output=True, text=True, timeout=300)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS
+from conftest import CONFIGS, child_env
 
 
 def free_port():
@@ -23,7 +23,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         exe = Path(sys.executable).parent / "mlflow-nb"
         self.proc = subprocess.Popen([str(exe), "serve", "--config", str(project / "configs"), "--port", str(self.port), *extra],
-                                     cwd=project, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})},
+                                     cwd=project, env=child_env(env),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 90
         while time.time() < deadline:
