@@ -83,7 +83,7 @@ def test_monitor_reads_the_serving_windows(champion):
 
 def test_monitor_errors_are_one_line(champion):
     for args, msg in ((["--current", "nope.csv"], "data.source: file not found"),
-                      (["--current", "serving:" + "0" * 32], "")):
+                      (["--current", "serving:" + "0" * 32], "no such serving run")):
         r = run_cli("monitor", *args, cwd=champion)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert msg in r.stderr
