@@ -48,7 +48,8 @@ def make_frames(rows, cols=20, seed=0):
 
 
 def ours(ref, cur):
-    from mlflow_nb.monitor import build_profile, drift_report
+    from mlflow_nb.data import build_profile
+    from mlflow_nb.drift import drift_report
     tracemalloc.start()
     t0 = time.perf_counter()
     profile = build_profile(ref)

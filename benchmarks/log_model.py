@@ -12,7 +12,8 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow
 from mlflow_nb.config import load_config
-from mlflow_nb.models import build_estimator, build_pipeline
+from mlflow_nb.estimators import build_estimator
+from mlflow_nb.data import build_pipeline
 from mlflow_nb.tracking import setup_tracking, tracked_run
 from mlflow_nb.train import log_sklearn_model, prepare_data, skops_trusted_types
 
@@ -28,7 +29,7 @@ def main():
     cfg = load_config(ROOT / "configs", [f"tracking_server.uri=sqlite:///{tmp}/b.db", f"artifacts.store={tmp}/art"], env={})
     setup_tracking(cfg)
     prep = prepare_data(cfg)
-    model = build_pipeline(build_estimator(cfg.model.model, 42), prep.X).fit(prep.split.X_train, prep.split.y_train)
+    model = build_pipeline(build_estimator(cfg.model.estimator.type, cfg.model.estimator.params, 42), prep.X).fit(prep.split.X_train, prep.split.y_train)
     ours, anchor = [], []
     with tracked_run("warm-up"): log_sklearn_model(model, prep.split.X_train)
     for r in range(max(a.rounds, a.anchor_rounds)):

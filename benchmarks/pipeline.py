@@ -17,7 +17,7 @@ STEPS = ("train", "validate", "select", "promote", "monitor")
 IN_PROCESS = """
 import time, json, sys
 t0 = time.perf_counter()
-from mlflow_nb.pipeline import start_step, finish_step, train_step, validate_step, select_step, promote_step, monitor_step
+from mlflow_nb.steps import start_step, finish_step, train_step, validate_step, select_step, promote_step, monitor_step
 import mlflow
 from mlflow_nb.config import load_config
 from mlflow_nb.tracking import setup_tracking

@@ -32,7 +32,7 @@ def prepare():
     cfg = load_config(d / "configs")
     setup_tracking(cfg)
     res = train_model(None, cfg, plots=False)
-    promote(cfg.model.model.name, res.version, cfg.model.promotion, cfg.model.primary_metric)
+    promote(cfg.model.estimator.name, res.version, cfg.model.promotion, cfg.model.primary_metric)
     X = load_dataset("sklearn:diabetes").drop(columns="target")
     return d, cfg, X, res
 
@@ -83,7 +83,7 @@ def main():
         bodies[name] = p
     # the ceiling: the estimator's predict in this process
     import mlflow
-    model = mlflow.sklearn.load_model(f"models:/{cfg.model.model.name}/{res.version}")
+    model = mlflow.sklearn.load_model(f"models:/{cfg.model.estimator.name}/{res.version}")
     for rows in (1, 100):
         xs = X.head(rows); model.predict(xs)
         t = time.perf_counter(); n = 200
@@ -91,7 +91,7 @@ def main():
         print(f"ceiling: in-process predict of {rows} row(s): {(time.perf_counter() - t) / n * 1000:.2f} ms ({n / (time.perf_counter() - t):.0f}/s)")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
     servers = {
-        "mlflow models serve": lambda port: [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{cfg.model.model.name}@champion",
+        "mlflow models serve": lambda port: [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{cfg.model.estimator.name}@champion",
                                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
         "mlflow-nb serve": lambda port: [str(BIN / "mlflow-nb"), "serve", "--config", str(d / "configs"), "--port", str(port)],
     }

@@ -33,10 +33,12 @@ MODEL_EDITS = [  # (old text, new text, what the one-line error must say)
     ('- "mae"', '- "mea"', "metrics.1: unknown metric 'mea' (did you mean 'mae'?)"),
     ('- "rmse"', '- "accuracy"', "metrics.0: 'accuracy' is a classification metric"),
     ('- "mae"', '- "rmse"', "metrics: each metric may appear once"),
-    ("cv_folds: 5", "cv_folds: 1", "validation.cv_folds: must be at least 2, got 1"),
+    ("cv_folds: 5", "cv_folds: 1", "validation.cv_folds: input should be greater than or equal to 2, got 1"),
+    ('name: "diabetes_regressor"', 'name: "team/diabetes"', "model.name: 'team/diabetes' cannot be a registered model name (it contains '/')"),
+    ('name: "diabetes_regressor"', 'name: "diabetes@v2"', "model.name: 'diabetes@v2' cannot be a registered model name (it contains '@')"),
     ('name: "diabetes_regressor"', "name: ''", "model.name: string should have at least 1 character"),
     ('alias: "champion"', 'alias: "my champion!"', "promotion.alias: string should match pattern"),
-    ("rmse: {max: 70.0}", "rmse: {}", "promotion.thresholds.rmse.max: give min, max or both"),
+    ("rmse: {max: 70.0}", "rmse: {}", "promotion.thresholds.rmse: give min, max or both"),
     ("rmse: {max: 70.0}", "accuracy: {min: 0.9}", "promotion.thresholds.accuracy: not a metric this model logs"),
     ("min_delta: 0.0", "min_delta: -1", "promotion.min_delta: input should be greater than or equal to 0"),
     ('target: "target"', "target: [a, b]", "data.target: input should be a valid string"),
@@ -46,7 +48,11 @@ MODEL_EDITS = [  # (old text, new text, what the one-line error must say)
 ]
 MLFLOW_EDITS = [
     ('level: "INFO"', 'level: "LOUD"', "logging.level: input should be 'DEBUG'"),
-    ('default: "development"', 'default: "  "', "experiments: experiments.default must not be empty"),
+    ('default: "development"', 'default: "  "', "experiments.default: must not be empty"),
+    ('production: "production"', 'production: "development"', "experiments: production must differ from default (both are 'development')"),
+    ('uri: "sqlite:///../mlflow.db"', 'uri: "ftp://files.example.com/mlflow"', "tracking_server.uri: unsupported store 'ftp://files.example.com/mlflow'"),
+    ('uri: "sqlite:///../mlflow.db"', 'uri: "./mlruns"', "tracking_server.uri: unsupported store './mlruns'"),
+    ('uri: "sqlite:///../mlflow.db"', 'uri: "ftp://admin:hunter2@files.example.com/x"', "unsupported store 'ftp://admin:***@files.example.com/x'"),
     ("tracking_server:", "tracking_servers:", "tracking_servers: unknown key (did you mean 'tracking_server'?"),
 ]
 SERVING_EDITS = [
@@ -54,6 +60,8 @@ SERVING_EDITS = [
     ("max_wait_ms: 2.0", "max_wait_ms: -1", "serve.max_wait_ms: input should be greater than or equal to 0"),
     ('sinks: ["log", "mlflow"]', 'sinks: ["email"]', "monitor.sinks.0: input should be 'log', 'mlflow' or 'webhook'"),
     ("rmse: 0.25", "rmsd: 0.25", "monitor.performance_tolerance: unknown metric 'rmsd'"),
+    ('sinks: ["log", "mlflow"]', 'sinks: ["log", "webhook"]', "monitor: sinks lists 'webhook' but webhook_url is not set"),
+    ("webhook_url: null", 'webhook_url: "file:///etc/passwd"', "monitor.webhook_url: must be an http:// or https:// URL"),
 ]
 
 
@@ -93,6 +101,10 @@ BAD_ARGS = [
     (["sweep", "-g", "max_depth"], "expected KEY=V1,V2"),
     (["run", "--steps", "train,deploy"], "unknown step 'deploy'"),
     (["run", "-p", "1bad=2"], "expected NAME=VALUE"),
+    (["run", "-y", "metric: !!set {r2: null}"], "-y metric: only JSON values"),
+    (["run", "-y", "metric: !!binary cjI="], "-y metric: only JSON values (text, numbers, true/false, null, lists, mappings) are allowed, got bytes"),
+    (["run", "-y", "\"__import__('os').system('touch pwned')\": 1"], "parameter names must be Python names"),
+    (["train", "-o", "model.params.max_depth=!!set {3: null}"], "override model.params.max_depth=!!set {3: null}: only JSON values"),
     (["serve", "--port", "http"], "invalid int value: 'http'"),
     (["serve", "--model", "onlyname"], "expected NAME@ALIAS"),
     (["monitor"], "the following arguments are required: --current"),

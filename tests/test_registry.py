@@ -21,7 +21,7 @@ def _promote_worker(project, version, barrier, results):
     setup_tracking(cfg)
     barrier.wait()
     try:
-        promote(cfg.model.model.name, version, Promotion(), "rmse", reason=f"race {version}")
+        promote(cfg.model.estimator.name, version, Promotion(), "rmse", reason=f"race {version}")
         results.put((version, "promoted"))
     except PromotionRefused as e:
         results.put((version, f"refused: {e}"))
@@ -37,7 +37,7 @@ def test_two_promotions_racing_leave_a_consistent_history(project, attempt):
     from mlflow_nb.train import train_model
     cfg = _config(project)
     setup_tracking(cfg)
-    name = cfg.model.model.name
+    name = cfg.model.estimator.name
     # three versions, each better than the last on rmse (deeper forests on this data)
     results = [train_model(None, cfg_with(project, depth), plots=False)
                for depth in (1, 3, 8)]

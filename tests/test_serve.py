@@ -49,7 +49,7 @@ def _train_and_promote(project, *overrides):
     cfg = load_config(project / "configs", ["model.params.n_estimators=30", *overrides], env={})
     setup_tracking(cfg)
     res = train_model(None, cfg, plots=False)
-    promote(cfg.model.model.name, res.version, cfg.model.promotion.model_copy(update={"thresholds": {}, "min_delta": 0}), "rmse")
+    promote(cfg.model.estimator.name, res.version, cfg.model.promotion.model_copy(update={"thresholds": {}, "min_delta": 0}), "rmse")
     return res
 
 

@@ -1,0 +1,75 @@
+"""The shape of the package, as the architecture issue defines it: small functions, one-job modules, no reaching
+into another module's private names, tag keys in one place. Each check names what breaks the rule."""
+import ast, re
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+PKG = ROOT / "mlflow_nb"
+MODULES = sorted(p for p in PKG.glob("*.py") if not p.name.startswith("_"))
+MAX_FUNCTION_LINES, MAX_MODULE_LINES, MAX_LINE = 40, 400, 120
+
+
+def _code_lines(path: Path) -> list[str]:
+    "The module's lines without nbdev's cell markers and the generated header."
+    return [l for l in path.read_text().splitlines() if not l.startswith("# %% ")]
+
+
+def _functions(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)): yield node
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+def test_functions_are_short(path):
+    tree = ast.parse(path.read_text())
+    long = [f"{f.name} ({f.end_lineno - f.lineno + 1} lines)" for f in _functions(tree)
+            if f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"{path.name}: functions over {MAX_FUNCTION_LINES} lines: {', '.join(long)}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+def test_modules_and_lines_are_short(path):
+    lines = _code_lines(path)
+    assert len(lines) <= MAX_MODULE_LINES, f"{path.name}: {len(lines)} lines (split it: one noun per module)"
+    wide = [i + 1 for i, l in enumerate(path.read_text().splitlines()) if len(l) > MAX_LINE]
+    assert not wide, f"{path.name}: lines over {MAX_LINE} characters: {wide[:10]}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+def test_no_module_uses_another_modules_private_names(path):
+    tree = ast.parse(path.read_text())
+    bad = [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("mlflow_nb")
+           for a in n.names if a.name.startswith("_")]
+    bad += [f"{n.value.id}.{n.attr}" for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_")
+            and not n.attr.startswith("__") and isinstance(n.value, ast.Name) and n.value.id in {m.stem for m in MODULES}]
+    assert not bad, f"{path.name} uses private names of other modules: {bad}"
+
+
+def _string_constants(tree):
+    "String constants that are not docstrings nor logger names."
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body \
+           and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant):
+            skip.add(id(node.body[0].value))
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "getLogger":
+            skip.update(id(a) for a in node.args)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip: yield node.value
+
+
+@pytest.mark.parametrize("path", [m for m in MODULES if m.name != "core.py"], ids=lambda p: p.name)
+def test_tag_keys_and_error_lines_live_in_core(path):
+    text, tree = path.read_text(), ast.parse(path.read_text())
+    tags = sorted({s for s in _string_constants(tree) if re.match(r"^mlflow_nb\.[a-z_]", s) and " " not in s})
+    assert not tags, f"{path.name} spells tag keys itself (use the constants in core): {tags}"
+    assert ".splitlines()[0]" not in text, f"{path.name}: use core.error_line for the first line of an error"
+
+
+def test_config_reads_well():
+    offenders = [f"{p.relative_to(ROOT)}:{i + 1}" for p in [*MODULES, *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py")]
+                 for i, l in enumerate(p.read_text().splitlines()) if re.search(r"\.model\.model(?![_\w])", l) and "test_structure" not in p.name]
+    assert not offenders, f"cfg.model.model is gone (cfg.model.estimator): {offenders}"
