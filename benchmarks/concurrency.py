@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-import team_server  # noqa: E402
+from support import team_server  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 ARTIFACTS = {"configs/mlflow_config.yaml", "configs/model_config.yaml", "configs/serving_config.yaml",

@@ -1,5 +1,5 @@
 """Shared fixtures: every test gets its own tracking store and leaves no MLFLOW_* variable or active run behind."""
-import os, shutil, subprocess, sys
+import contextlib, io, json, os, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -12,21 +12,31 @@ STORE_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "ML
 def child_env(extra: dict | None = None) -> dict:
     "The environment for a subprocess: this one without the store variables MLflow exports when a URI is set."
     return {**{k: v for k, v in os.environ.items() if k not in STORE_VARS}, "MLFLOW_DISABLE_TELEMETRY": "true", **(extra or {})}
-_BASELINE_URIS = (f"sqlite:///{ROOT / 'tests' / '.unused-default.db'}",) * 2  # a test that forgets to set a store fails loudly here
 CONFIGS = ROOT / "configs"
+
+
+def _default_store() -> Path:
+    "Where a test that forgets to choose a store would write (one file per xdist worker)."
+    return ROOT / "tests" / f".unused-default-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.db"
 
 
 @pytest.fixture(autouse=True)
 def clean_mlflow_state():
-    "Restore MLFLOW_* variables and end any run a test left active."
+    "Point MLflow at a store no test may write to; restore MLFLOW_* variables and end any run a test left active."
     import mlflow
     for k in STORE_VARS: os.environ.pop(k, None)  # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI to children
     saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    default = _default_store()
+    default.unlink(missing_ok=True)
+    mlflow.set_tracking_uri(f"sqlite:///{default}"); mlflow.set_registry_uri(f"sqlite:///{default}")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield
     while mlflow.active_run(): mlflow.end_run("KILLED")
-    mlflow.set_tracking_uri(_BASELINE_URIS[0]); mlflow.set_registry_uri(_BASELINE_URIS[1])  # setup_tracking sets both globally
     for k in [k for k in os.environ if k.startswith("MLFLOW_")]: del os.environ[k]
     os.environ.update(saved)
+    if default.exists():
+        default.unlink()
+        pytest.fail("this test wrote to the default tracking store: give it a store of its own (the `project` fixture)")
 
 
 @pytest.fixture
@@ -40,9 +50,49 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
+def cli(*args):
+    "The CLI in this process (each case still goes through argparse, the config loader and the error handler)."
+    from mlflow_nb.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try: code = main(list(args))
+        except SystemExit as e: code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+
 def run_cli(*args, cwd=None, timeout=300, env=None):
     "Run the installed `mlflow-nb` command in a subprocess."
     full_env = child_env(env)
     exe = Path(sys.executable).parent / "mlflow-nb"  # the console script installed beside this Python
     return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def team(tmp_path_factory):
+    "PostgreSQL + an `mlflow server` on loopback: {'uri', 'dir', ...}; skips the test where PostgreSQL is not installed."
+    from support import team_server
+    given = os.environ.get("MLFLOW_NB_TEAM_DIR")
+    if given:
+        yield json.loads((Path(given) / "state.json").read_text()); return
+    if not team_server.available(): pytest.skip("PostgreSQL binaries are not installed")
+    d = tmp_path_factory.mktemp("team")
+    state = team_server.start(d)
+    try: yield state
+    finally: team_server.stop(d)
+
+
+@pytest.fixture
+def tproject(tmp_path, team):
+    "A project whose configs point at the team server, with its own experiment and model names (tests share it)."
+    cfg = tmp_path / "configs"
+    shutil.copytree(CONFIGS, cfg)
+    tag = tmp_path.name.replace("-", "_")[-40:]
+    text = (cfg / "mlflow_config.yaml").read_text()
+    text = text.replace('uri: "sqlite:///../mlflow.db"', f'uri: "{team["uri"]}"')
+    text = text.replace('default: "development"', f'default: "dev_{tag}"').replace('production: "production"', f'production: "prod_{tag}"')
+    (cfg / "mlflow_config.yaml").write_text(text)
+    model = (cfg / "model_config.yaml").read_text().replace('name: "diabetes_regressor"', f'name: "model_{tag}"')
+    (cfg / "model_config.yaml").write_text(model)
+    return tmp_path, team["uri"], f"dev_{tag}", f"model_{tag}"

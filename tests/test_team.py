@@ -10,38 +10,10 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-import team_server
 from conftest import CONFIGS, ROOT, child_env, run_cli
+from support import team_server
 
-pytestmark = pytest.mark.skipif(not team_server.available(), reason="PostgreSQL binaries are not installed")
 FAST = ["-o", "model.params.n_estimators=20", "-o", "validation.cv_folds=3"]
-
-
-@pytest.fixture(scope="session")
-def team(tmp_path_factory):
-    "The team server's state: {'uri', 'dir', ...}."
-    given = os.environ.get("MLFLOW_NB_TEAM_DIR")
-    if given:
-        yield json.loads((Path(given) / "state.json").read_text()); return
-    d = tmp_path_factory.mktemp("team")
-    state = team_server.start(d)
-    try: yield state
-    finally: team_server.stop(d)
-
-
-@pytest.fixture
-def tproject(tmp_path, team):
-    "A project whose configs point at the team server, with its own experiment names (tests share one server)."
-    cfg = tmp_path / "configs"
-    shutil.copytree(CONFIGS, cfg)
-    tag = tmp_path.name.replace("-", "_")[-40:]
-    text = (cfg / "mlflow_config.yaml").read_text()
-    text = text.replace('uri: "sqlite:///../mlflow.db"', f'uri: "{team["uri"]}"')
-    text = text.replace('default: "development"', f'default: "dev_{tag}"').replace('production: "production"', f'production: "prod_{tag}"')
-    (cfg / "mlflow_config.yaml").write_text(text)
-    model = (cfg / "model_config.yaml").read_text().replace('name: "diabetes_regressor"', f'name: "model_{tag}"')
-    (cfg / "model_config.yaml").write_text(model)
-    return tmp_path, team["uri"], f"dev_{tag}", f"model_{tag}"
 
 
 def _runs(client, exp_name, flt=""):

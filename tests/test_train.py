@@ -1,4 +1,7 @@
 """Training on real files through the CLI: messy CSVs, bad data, nothing left RUNNING."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import mlflow
@@ -85,3 +88,26 @@ def test_failure_inside_the_run_marks_it_failed_and_registers_nothing(project):
     runs = client.search_runs([exp.experiment_id])
     assert [x.info.status for x in runs] == ["FAILED"]
     assert client.search_model_versions("name = 'diabetes_regressor'") == []
+
+
+def test_secrets_never_reach_the_run_nor_the_terminal(tproject):
+    "A tracking URI with a password and a webhook token URL: nowhere in params, tags, logged files or errors."
+    project, uri, exp, model = tproject
+    secret_uri = uri.replace("http://", "http://mlflow:s3cr3t-pw@")
+    mlflow_cfg = project / "configs" / "mlflow_config.yaml"
+    mlflow_cfg.write_text(mlflow_cfg.read_text().replace(f'uri: "{uri}"', f'uri: "{secret_uri}"'))
+    serving = project / "configs" / "serving_config.yaml"
+    serving.write_text(serving.read_text().replace("webhook_url: null", 'webhook_url: "https://hooks.example.com/T0/B0/tok3n-XYZ"'))
+    r = run_cli("train", "-o", "model.params.n_estimators=5", cwd=project)
+    assert r.returncode == 0, r.stderr
+    client = MlflowClient(uri, uri)
+    [run] = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
+    texts = [json.dumps(run.data.params), json.dumps(run.data.tags), r.stdout, r.stderr]
+    d = Path(client.download_artifacts(run.info.run_id, "", str(project / "dl")))
+    texts += [p.read_text(errors="replace") for p in d.rglob("*") if p.is_file() and p.suffix in (".json", ".yaml", ".txt", ".patch")]
+    assert len(texts) > 8 and any("hooks.example.com" in t for t in texts)  # the files are there, redacted
+    for t in texts: assert "s3cr3t-pw" not in t and "tok3n-XYZ" not in t
+    # an error about an unreachable store does not print the password either
+    r = run_cli("select", "--tracking-uri", "http://mlflow:s3cr3t-pw@127.0.0.1:9", cwd=project,
+                env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"})
+    assert r.returncode != 0 and "s3cr3t-pw" not in r.stdout + r.stderr and "mlflow:***@127.0.0.1:9" in r.stderr, r.stderr

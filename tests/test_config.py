@@ -1,21 +1,8 @@
-"""Bad input, in bulk: malformed configs and CLI arguments give one clear line and exit 2, leave no run
-RUNNING and move no alias. (Malformed HTTP bodies are in test_serve.py.)"""
-import contextlib, io
-
+"""Config files as users write them: every malformed file, key or value is one line naming the file and the key,
+exit 2, and nothing is created in any store."""
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
-
-
-def cli(*args):
-    "The CLI in this process (each case still goes through argparse, the config loader and the error handler)."
-    from mlflow_nb.cli import main
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try: code = main(list(args))
-        except SystemExit as e: code = e.code
-    return code, out.getvalue(), err.getvalue()
+from conftest import cli, run_cli
 
 
 MODEL_EDITS = [  # (old text, new text, what the one-line error must say)
@@ -88,47 +75,13 @@ def test_empty_and_missing_config_files(project):
     assert "config folder not found" in cli("train", "--config", "nowhere")[2]
 
 
-BAD_ARGS = [
-    (["train", "--bogus"], "unrecognized arguments: --bogus"),
-    (["teach"], "invalid choice: 'teach'"),
-    ([], "the following arguments are required: COMMAND"),
-    (["train", "-o", "no_equals"], "expected KEY.SUB=VALUE"),
-    (["train", "-o", "nosuchsection.x=1"], "unknown key 'nosuchsection'"),
-    (["promote"], "--version N or --best"),
-    (["promote", "--version", "1", "--best"], "not allowed with argument"),
-    (["sweep", "--workers", "two"], "invalid int value: 'two'"),
-    (["sweep", "--workers", "0", "-g", "model.params.max_depth=2,3"], "--workers: must be at least 1"),
-    (["sweep", "-g", "max_depth"], "expected KEY=V1,V2"),
-    (["run", "--steps", "train,deploy"], "unknown step 'deploy'"),
-    (["run", "-p", "1bad=2"], "expected NAME=VALUE"),
-    (["run", "-y", "metric: !!set {r2: null}"], "-y metric: only JSON values"),
-    (["run", "-y", "metric: !!binary cjI="], "-y metric: only JSON values (text, numbers, true/false, null, lists, mappings) are allowed, got bytes"),
-    (["run", "-y", "\"__import__('os').system('touch pwned')\": 1"], "parameter names must be Python names"),
-    (["train", "-o", "model.params.max_depth=!!set {3: null}"], "override model.params.max_depth=!!set {3: null}: only JSON values"),
-    (["serve", "--port", "http"], "invalid int value: 'http'"),
-    (["serve", "--model", "onlyname"], "expected NAME@ALIAS"),
-    (["monitor"], "the following arguments are required: --current"),
-    (["cleanup", "--older-than", "-1"], "--older-than: must be >= 0 hours"),
-    (["reproduce"], "the following arguments are required: run_id"),
-]
 
 
-@pytest.mark.parametrize("args,expected", BAD_ARGS)
-def test_bad_cli_arguments_are_one_line_exit_2(project, args, expected):
-    code, out, err = cli(*args)
-    assert code == 2 and expected in err, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-
-
-def test_no_run_left_running_and_no_alias_moved_by_bad_input(project):
-    assert cli("train", "-o", "model.params.n_estimators=10")[0] == 0
-    assert cli("promote", "--version", "1")[0] == 0
-    for args in (["train", "-o", "data.target=nope"], ["train", "-o", "model.type=KNeighborsRegressor", "-o", "model.params={n_neighbors: 9999}"],
-                 ["promote", "--version", "7"], ["promote", "--version", "1", "-o", "promotion.thresholds.rmse={max: 1}"],
-                 ["rollback"], ["run", "-p", "metric=nope", "--steps", "select"]):
-        code, out, err = cli(*args)
-        assert code in (1, 2), (args, err)
-    uri = f"sqlite:///{project}/mlflow.db"
-    client = MlflowClient(uri, uri)
-    assert all(r.info.status != "RUNNING" for e in client.search_experiments() for r in client.search_runs([e.experiment_id]))
-    assert str(client.get_model_version_by_alias("diabetes_regressor", "champion").version) == "1"
+def test_a_bad_config_through_the_installed_command(project):
+    "The console script, in a fresh process: the same one line, exit 2, and no store created."
+    f = project / "configs" / "model_config.yaml"
+    f.write_text(f.read_text().replace("cv_folds:", "cv_fold:"))
+    r = run_cli("init", cwd=project)
+    assert r.returncode == 2 and r.stderr.startswith("mlflow-nb: error: configs/model_config.yaml: validation.cv_fold: unknown key")
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (project / "mlflow.db").exists()
