@@ -52,9 +52,8 @@ def open_page(context, path: Path) -> PageCheck:
     page.route_web_socket("**/*", lambda ws: (left.append(ws.url), ws.close()))
     page.on("console", lambda m: m.type == "error" and errors.append(m.text))
     page.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
-    page.goto(own, wait_until="load")
+    page.goto(own, wait_until="networkidle")  # loaded, and nothing asked for in the 500 ms after (late imports too)
     page.wait_for_function("Array.from(document.images).every(i => i.complete)", timeout=10_000)
-    page.wait_for_timeout(500)  # scripts that start work on load (module imports, timers) get to ask for it
     images = page.eval_on_selector_all(
         "img", "els => els.map(e => ({src: e.src.slice(0, 80), width: e.naturalWidth, height: e.naturalHeight}))")
     check = PageCheck(page.title(), page.eval_on_selector_all("h1, h2", "els => els.map(e => e.innerText.trim())"),
