@@ -316,7 +316,8 @@ def run_check(model_name: str,  # registered model
     training = client.get_run(mv.run_id).data.metrics
     perf = None if y is None else performance_check(metric_values(metrics, y, scored), training,
                                                     monitor.performance_tolerance)
-    result = CheckResult(f"models:/{model_name}@{alias.lstrip('@')}", str(mv.version), drift, perf,
+    ref = f"models:/{model_name}/{alias}" if str(alias).isdigit() else f"models:/{model_name}@{str(alias).lstrip('@')}"
+    result = CheckResult(ref, str(mv.version), drift, perf,
                          alerts_from(drift, perf, monitor), drift_charts(drift, profile, X, scored.predictions),
                          unlabelled, {"rows": profile.get("rows"), "created_at": profile.get("created_at")})
     ctx = {"model": model_name, "alias": alias, "version": str(mv.version), "data": source}
