@@ -255,21 +255,16 @@ def cmd_serve(args) -> int:
 ])
 def cmd_monitor(args) -> int:
     "Check current data against the champion's reference: drift, performance, alerts, report."
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small download is noise here
     from mlflow_nb.monitor import load_current, run_check
     cfg, tr = configured(args)
     mc = cfg.model
-    alias = args.alias or mc.promotion.alias
     frame, preds = load_current(args.current, mc.estimator.name)
-    res = run_check(mc.estimator.name, alias, frame, cfg.serving.monitor, mc.metrics, target=mc.data.target, predictions=preds,
-                    experiment_id=tr.production_experiment_id, out_dir=args.out, source=args.current)
-    d = res.drift
-    print(f"checked        : {d.rows} rows of {args.current} against models:/{mc.estimator.name}@{alias}")
-    print(f"drift          : {len(d.drifted)} of {int((d.table.column != 'prediction').sum())} features"
-          f"{' (' + ', '.join(d.drifted) + ')' if d.drifted else ''}; data set drift: {'YES' if d.dataset_drift else 'no'}")
-    if res.performance is not None:
-        for r in res.performance.itertuples():
-            print(f"{r.metric:<15}: {r.current:.4g} (training {r.training:.4g}){'  DEGRADED' if r.degraded else ''}")
-    for a in res.alerts: print(f"alert          : {a.kind} {a.subject}: {a.message}")
+    res = run_check(mc.estimator.name, args.alias or mc.promotion.alias, frame, cfg.serving.monitor, mc.metrics,
+                    target=mc.data.target, predictions=preds, experiment_id=tr.production_experiment_id,
+                    out_dir=args.out, source=args.current)
+    print(f"checked        : {res.drift.rows} rows of {args.current} against {res.model} (version {res.version})")
+    for line in res.lines(): print(line)
     for e in res.sink_errors: print(f"sink error     : {e}", file=sys.stderr)
     print(f"report         : {res.report_path}" + (f" (and in monitoring run {res.run_id})" if res.run_id else ""))
     return 0

@@ -164,6 +164,7 @@ class Serve(_Strict):
     log_window_seconds: float = Field(60, gt=0)  # a Parquet file and summary metrics per window
 
 class Monitor(_Strict):
+    "Drift thresholds, performance tolerances and alert sinks: the `monitor` section of serving_config.yaml."
     psi_threshold: float = Field(0.2, gt=0)  # population stability index above this: drift
     ks_threshold: float = Field(0.1, gt=0, lt=1)  # KS statistic above this (and significant): drift
     wasserstein_threshold: float = Field(0.1, gt=0)  # Wasserstein distance in reference standard deviations
@@ -172,7 +173,7 @@ class Monitor(_Strict):
     dataset_drift_share: float = Field(0.5, gt=0, le=1)  # share of drifted features that makes the data set drift
     min_rows: int = Field(1000, ge=1)  # below this many current rows only the KS and chi-square tests decide
     bins: int = Field(10, ge=2, le=100)  # quantile bins of the reference profile (PSI)
-    performance_tolerance: dict[str, float] = {}  # metric: allowed relative degradation (0.1 = 10%); default per metric
+    performance_tolerance: dict[str, float] = {}  # metric: allowed relative degradation (0.1 = 10%); default: METRICS
     sinks: list[Literal["log", "mlflow", "webhook"]] = ["log", "mlflow"]
     webhook_url: str | None = None  # JSON POST of the alerts (http or https)
     webhook_timeout_seconds: float = Field(5.0, gt=0, le=120)

@@ -13,9 +13,9 @@ from pathlib import Path
 __all__ = ['TAG_KIND', 'TAG_STEP', 'TAG_ERROR', 'TAG_CONFIG_DIGEST', 'TAG_HOST', 'TAG_PID', 'TAG_BOOT', 'TAG_REGISTERED_VERSION',
            'TAG_PRIMARY_METRIC', 'TAG_MODEL', 'TAG_ALIAS', 'TAG_MODEL_VERSION', 'TAG_SWEEP_TRIAL', 'TAG_STARTED_RUN',
            'TAG_REPRODUCES', 'TAG_GIT_BRANCH', 'TAG_GIT_DIRTY', 'TAG_SOURCE', 'TAG_DATASET_DRIFT', 'TAG_DRIFTED',
-           'TAG_ALERTS', 'TAG_PROMOTED_AT', 'TAG_PROMOTED_BY', 'TAG_PROMOTION_REASON', 'TAG_PREVIOUS_VERSION',
-           'TAG_PROMOTED_ALIAS', 'HISTORY_PREFIX', 'GIT_COMMIT', 'PARENT_RUN', 'REDACTED', 'MlflowNbError',
-           'error_line', 'step_tag', 'redact', 'redact_url', 'TempStore', 'temp_store']
+           'TAG_ALERTS', 'TAG_UNCHECKED_METRICS', 'TAG_PROMOTED_AT', 'TAG_PROMOTED_BY', 'TAG_PROMOTION_REASON',
+           'TAG_PREVIOUS_VERSION', 'TAG_PROMOTED_ALIAS', 'HISTORY_PREFIX', 'GIT_COMMIT', 'PARENT_RUN', 'REDACTED',
+           'MlflowNbError', 'error_line', 'step_tag', 'redact', 'redact_url', 'TempStore', 'temp_store']
 
 # %% ../nbs/00_core.ipynb #cdf51e48
 class MlflowNbError(Exception):
@@ -48,6 +48,7 @@ TAG_REPRODUCES = "mlflow_nb.reproduces"  # the run a reproduction re-ran
 TAG_GIT_BRANCH, TAG_GIT_DIRTY = "mlflow_nb.git.branch", "mlflow_nb.git.dirty"
 TAG_SOURCE = "mlflow_nb.source"  # where a monitoring check's data came from
 TAG_DATASET_DRIFT, TAG_DRIFTED, TAG_ALERTS = "mlflow_nb.dataset_drift", "mlflow_nb.drifted", "mlflow_nb.alerts"
+TAG_UNCHECKED_METRICS = "mlflow_nb.unchecked_metrics"  # metrics a monitoring check could not compare, and why
 TAG_PROMOTED_AT, TAG_PROMOTED_BY = "mlflow_nb.promoted_at", "mlflow_nb.promoted_by"
 TAG_PROMOTION_REASON, TAG_PREVIOUS_VERSION = "mlflow_nb.promotion_reason", "mlflow_nb.previous_version"
 TAG_PROMOTED_ALIAS = "mlflow_nb.promoted_alias"
