@@ -17,6 +17,13 @@ def _code_lines(path: Path) -> list[str]:
     return [l for l in path.read_text().splitlines() if not l.startswith("# %% ")]
 
 
+def _all_lines(path: Path) -> set[int]:
+    "Line numbers of the `__all__ = [...]` statement nbdev writes."
+    node = next((n for n in ast.parse(path.read_text()).body if isinstance(n, ast.Assign)
+                 and any(getattr(t, "id", "") == "__all__" for t in n.targets)), None)
+    return set(range(node.lineno, node.end_lineno + 1)) if node else set()
+
+
 def _functions(tree):
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)): yield node
@@ -34,7 +41,8 @@ def test_functions_are_short(path):
 def test_modules_and_lines_are_short(path):
     lines = _code_lines(path)
     assert len(lines) <= MAX_MODULE_LINES, f"{path.name}: {len(lines)} lines (split it: one noun per module)"
-    wide = [i + 1 for i, l in enumerate(path.read_text().splitlines()) if len(l) > MAX_LINE]
+    generated = _all_lines(path)  # nbdev wraps __all__ at 120 characters after its own 10-character prefix
+    wide = [i + 1 for i, l in enumerate(path.read_text().splitlines()) if len(l) > MAX_LINE and i + 1 not in generated]
     assert not wide, f"{path.name}: lines over {MAX_LINE} characters: {wide[:10]}"
 
 
