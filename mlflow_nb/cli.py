@@ -126,7 +126,8 @@ def configured(args,  # parsed arguments with config, override and tracking_uri
 
 # %% ../nbs/19_cli.ipynb #e7dc73b1
 @command("init", "create the tracking store and experiments, log an environment run")
-def cmd_init(args) -> int:
+def cmd_init(args,  # the parsed command line
+            ) -> int:
     "Create the store and experiments and log an environment run."
     from mlflow_nb.tracking import tracked_run
     from mlflow_nb.repro import log_environment, set_seed
@@ -145,7 +146,8 @@ def cmd_init(args) -> int:
     Arg("--cv", action="store_true", help="also cross-validate (validation.cv_folds) in the same run"),
     Arg("--no-register", action="store_true", help="log the model without registering it"),
 ])
-def cmd_train(args) -> int:
+def cmd_train(args,  # the parsed command line
+             ) -> int:
     "Train, evaluate, log and register the configured model."
     from mlflow_nb.tracking import setup_tracking, tracked_run
     from mlflow_nb.train import cross_val_metrics, prepare_data, train_model
@@ -166,7 +168,8 @@ def cmd_train(args) -> int:
     Arg("--metric", help="metric to rank by (default: the first in model_config.yaml)"),
     Arg("--experiment", help="experiment name (default: experiments.default)"),
 ])
-def cmd_select(args) -> int:
+def cmd_select(args,  # the parsed command line
+              ) -> int:
     "Print the best finished training run."
     from mlflow_nb.registry import select_best_run
     cfg, tr = configured(args)
@@ -184,7 +187,8 @@ def cmd_select(args) -> int:
     Arg("--best", action="store_true", help="promote the version of the best run"),
     Arg("--reason", default="", help="why (recorded with the promotion)"),
 ], exclusive=("version", "best"))
-def cmd_promote(args) -> int:
+def cmd_promote(args,  # the parsed command line
+               ) -> int:
     "Promote a version behind the configured gates."
     from mlflow_nb.registry import promote, select_best_run
     cfg, tr = configured(args)
@@ -204,7 +208,8 @@ def cmd_promote(args) -> int:
 @command("rollback", "give the alias back to the version that held it before", [
     Arg("--reason", default="", help="why (recorded with the rollback)"),
 ])
-def cmd_rollback(args) -> int:
+def cmd_rollback(args,  # the parsed command line
+                ) -> int:
     "Give the alias back to its previous holder."
     from mlflow_nb.registry import rollback
     cfg, _ = configured(args)
@@ -214,7 +219,8 @@ def cmd_rollback(args) -> int:
 
 # %% ../nbs/19_cli.ipynb #515b7543
 @command("history", "print the promotion history of the alias")
-def cmd_history(args) -> int:
+def cmd_history(args,  # the parsed command line
+               ) -> int:
     "Print the promotion history of the configured alias."
     from mlflow.exceptions import MlflowException
     from mlflow_nb.registry import promotion_history
@@ -274,7 +280,8 @@ def cmd_sweep(args) -> int:
     Arg("--notebooks", metavar="DIR", help="folder of step notebooks (default: nbs/pipeline)"),
     Arg("--data", metavar="FILE", help="train on this file (needed when the run's data lies outside this folder)"),
 ])
-def cmd_reproduce(args) -> int:
+def cmd_reproduce(args,  # the parsed command line
+                 ) -> int:
     "Re-run a logged pipeline or training run and compare its metrics."
     import mlflow
     from mlflow_nb.reproduce import reproduce
@@ -345,7 +352,8 @@ def cmd_monitor(args) -> int:
 @command("cleanup", "mark FAILED the runs left RUNNING by processes that died", [
     Arg("--older-than", type=float, metavar="HOURS", help="also end runs of any host RUNNING longer than this"),
 ])
-def cmd_cleanup(args) -> int:
+def cmd_cleanup(args,  # the parsed command line
+               ) -> int:
     "Mark FAILED the runs left RUNNING by processes that died."
     from mlflow_nb.tracking import end_orphaned_runs
     if args.older_than is not None and args.older_than < 0: raise MlflowNbError("--older-than: must be >= 0 hours")
