@@ -13,29 +13,30 @@ from .core import MlflowNbError, TAG_KIND, TAG_REGISTERED_VERSION, error_line, r
 from .config import load_config, resolve_uri
 
 # %% auto #0
-__all__ = ['COMMON', 'COMMANDS', 'Arg', 'command', 'config_from_args', 'configured', 'cmd_init', 'cmd_train', 'cmd_select',
-           'cmd_promote', 'cmd_rollback', 'cmd_history', 'cmd_run', 'cmd_sweep', 'cmd_reproduce', 'cmd_serve',
-           'cmd_monitor', 'cmd_cleanup', 'build_parser', 'main']
+__all__ = ['COMMON', 'COMMANDS', 'Arg', 'command', 'build_parser', 'main', 'config_from_args', 'configured', 'cmd_init',
+           'cmd_train', 'cmd_select', 'cmd_promote', 'cmd_rollback', 'cmd_history', 'cmd_run', 'cmd_sweep',
+           'cmd_reproduce', 'cmd_serve', 'cmd_monitor', 'cmd_cleanup']
 
 # %% ../nbs/19_cli.ipynb #9d0025a6
-class _Parser(argparse.ArgumentParser):
-    "argparse, with errors on one line and exit code 2."
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-def Arg(*flags, **kwargs) -> tuple[tuple, dict]:
+def Arg(*flags,  # option strings ("--cv", "-o", "--override") or a positional name
+        **kwargs,  # `add_argument`'s keywords: help, default, type, action, ...
+       ) -> tuple[tuple, dict]:
     "One argument of a command, as `argparse.ArgumentParser.add_argument` takes it."
     return flags, kwargs
 
-COMMON = [Arg("--config", default="configs", metavar="DIR", help="folder with mlflow_config.yaml and model_config.yaml"),
-          Arg("--tracking-uri", metavar="URI", help="tracking store, e.g. sqlite:///mlflow.db or http://127.0.0.1:5000"),
+# %% ../nbs/19_cli.ipynb #cbb7d0ae
+COMMON = [Arg("--config", default="configs", metavar="DIR",
+              help="folder with mlflow_config.yaml and model_config.yaml"),
+          Arg("--tracking-uri", metavar="URI",
+              help="tracking store, e.g. sqlite:///mlflow.db or http://127.0.0.1:5000"),
           Arg("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
               help="config override, e.g. -o model.params.n_estimators=50 (repeatable)")]
 COMMANDS: dict[str, tuple] = {}  # name -> (function, help, arguments, mutually exclusive dests)
 
+# %% ../nbs/19_cli.ipynb #bb967f08
 def command(name: str,  # the subcommand
             help: str,  # one line for `mlflow-nb --help`
-            args: list = (),  # its own arguments, as `Arg(...)`; --config, --tracking-uri and -o come with every command
+            args: list = (),  # its own arguments, as `Arg(...)`; --config, --tracking-uri and -o come with all
             exclusive: tuple[str, ...] = (),  # names of arguments that may not be given together
            ):
     "Register a function as a subcommand of `mlflow-nb`."
@@ -44,17 +45,80 @@ def command(name: str,  # the subcommand
         return fn
     return register
 
-# %% ../nbs/19_cli.ipynb #b481126f
+# %% ../nbs/19_cli.ipynb #7fcc0fcc
+class _Parser(argparse.ArgumentParser):
+    "argparse, with errors on one line and exit code 2."
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+def build_parser() -> argparse.ArgumentParser:
+    "The `mlflow-nb` parser: one subcommand per registered command."
+    p = _Parser(prog="mlflow-nb", description="Notebook-first MLflow: configs, tracked training, papermill pipelines.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, (fn, help, args, exclusive) in COMMANDS.items():
+        s = sub.add_parser(name, help=help)
+        group = s.add_mutually_exclusive_group() if exclusive else None
+        for flags, kw in [*COMMON, *args]:
+            dest = flags[-1].lstrip("-").replace("-", "_")
+            (group if group is not None and dest in exclusive else s).add_argument(*flags, **kw)
+        s.set_defaults(func=fn)
+    return p
+
+# %% ../nbs/19_cli.ipynb #519123fa
+_USER_ERROR_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS")
+
+def _say(msg: str) -> None: print(redact(msg), file=sys.stderr)
+
+def _terminate(signum, frame):
+    "SIGTERM ends the command like Ctrl-C does: every run it opened is ended KILLED on the way out."
+    raise KeyboardInterrupt(f"signal {signum}")
+
+def _store_error(e: Exception) -> int | None:
+    "Report a tracking store that refused or could not be reached; its exit code (None: not a store error)."
+    from mlflow.exceptions import MlflowException
+    import requests
+    if isinstance(e, MlflowException):
+        _say(f"mlflow-nb: tracking store error: {error_line(e.message or type(e).__name__, with_type=False)}")
+        return 2 if e.error_code in _USER_ERROR_CODES else 1
+    if isinstance(e, requests.exceptions.RequestException):
+        _say(f"mlflow-nb: tracking server unreachable: {error_line(e, limit=300)}"); return 1
+    return None
+
+def main(argv: list[str] | None = None,  # the arguments (default: sys.argv[1:])
+        ) -> int:
+    "Entry point of the `mlflow-nb` command."
+    import signal
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per download is noise in a CLI
+    args = build_parser().parse_args(argv)
+    from mlflow_nb.pipeline import PipelineStepFailed
+    if threading.current_thread() is threading.main_thread(): signal.signal(signal.SIGTERM, _terminate)
+    try: return args.func(args)
+    except PipelineStepFailed as e:
+        _say(f"mlflow-nb: {e}"); return 1
+    except MlflowNbError as e:
+        _say(f"mlflow-nb: error: {e}"); return 2
+    except KeyboardInterrupt:
+        _say("mlflow-nb: interrupted: the runs this command opened were ended as KILLED"); return 130
+    except Exception as e:  # the tracking store refused or could not be reached: say so in one line
+        code = _store_error(e)
+        if code is None: raise
+        return code
+
+# %% ../nbs/19_cli.ipynb #16903343
 def _overrides(args) -> list[str]:
     "-o overrides, plus --tracking-uri (relative SQLite paths resolved against the current directory)."
     uri = [f"tracking_server.uri={resolve_uri(args.tracking_uri, Path.cwd())}"] if args.tracking_uri else []
     return list(args.override) + uri
 
-def config_from_args(args):
+def config_from_args(args,  # parsed arguments with config, override and tracking_uri
+                    ):
     "The `Config` that --config, -o and --tracking-uri describe."
     return load_config(args.config, _overrides(args))
 
-def configured(args):
+# %% ../nbs/19_cli.ipynb #b8e72bd3
+def configured(args,  # parsed arguments with config, override and tracking_uri
+              ):
     "(config, tracking): the config the arguments describe, with MLflow set up for it."
     from mlflow_nb.tracking import setup_tracking
     cfg = config_from_args(args)
@@ -62,7 +126,8 @@ def configured(args):
 
 # %% ../nbs/19_cli.ipynb #e7dc73b1
 @command("init", "create the tracking store and experiments, log an environment run")
-def cmd_init(args) -> int:
+def cmd_init(args,  # the parsed command line
+            ) -> int:
     "Create the store and experiments and log an environment run."
     from mlflow_nb.tracking import tracked_run
     from mlflow_nb.repro import log_environment, set_seed
@@ -71,7 +136,8 @@ def cmd_init(args) -> int:
     with tracked_run("environment", experiment_id=tr.default_experiment_id, tags={TAG_KIND: "environment"}) as run:
         log_environment(list(cfg.files.values()), repo=cfg.folder)
     print(f"tracking store : {tr.tracking_uri}")
-    for role, name in tr.experiment_names.items(): print(f"experiment     : {name} ({role}, id {tr.experiment_ids[role]})")
+    for role, name in tr.experiment_names.items():
+        print(f"experiment     : {name} ({role}, id {tr.experiment_ids[role]})")
     print(f"environment run: {run.info.run_id}")
     return 0
 
@@ -80,7 +146,8 @@ def cmd_init(args) -> int:
     Arg("--cv", action="store_true", help="also cross-validate (validation.cv_folds) in the same run"),
     Arg("--no-register", action="store_true", help="log the model without registering it"),
 ])
-def cmd_train(args) -> int:
+def cmd_train(args,  # the parsed command line
+             ) -> int:
     "Train, evaluate, log and register the configured model."
     from mlflow_nb.tracking import setup_tracking, tracked_run
     from mlflow_nb.train import cross_val_metrics, prepare_data, train_model
@@ -101,7 +168,8 @@ def cmd_train(args) -> int:
     Arg("--metric", help="metric to rank by (default: the first in model_config.yaml)"),
     Arg("--experiment", help="experiment name (default: experiments.default)"),
 ])
-def cmd_select(args) -> int:
+def cmd_select(args,  # the parsed command line
+              ) -> int:
     "Print the best finished training run."
     from mlflow_nb.registry import select_best_run
     cfg, tr = configured(args)
@@ -113,13 +181,14 @@ def cmd_select(args) -> int:
     if v: print(f"version        : models:/{cfg.model.estimator.name}/{v}")
     return 0
 
-# %% ../nbs/19_cli.ipynb #0d1b9443
+# %% ../nbs/19_cli.ipynb #07d3fd01
 @command("promote", "give the champion alias to a version if the promotion gates pass", [
     Arg("--version", help="the model version to promote"),
     Arg("--best", action="store_true", help="promote the version of the best run"),
     Arg("--reason", default="", help="why (recorded with the promotion)"),
 ], exclusive=("version", "best"))
-def cmd_promote(args) -> int:
+def cmd_promote(args,  # the parsed command line
+               ) -> int:
     "Promote a version behind the configured gates."
     from mlflow_nb.registry import promote, select_best_run
     cfg, tr = configured(args)
@@ -130,7 +199,8 @@ def cmd_promote(args) -> int:
         if not version: raise MlflowNbError(f"the best run {run.info.run_id} registered no model version")
     if not version: raise MlflowNbError("say which version: --version N or --best")
     res = promote(cfg.model.estimator.name, version, cfg.model.promotion, cfg.model.primary_metric, reason=args.reason)
-    print(f"promoted       : models:/{res.model_name}@{res.alias} -> version {res.version} (was {res.previous_version or 'none'})")
+    was = res.previous_version or "none"
+    print(f"promoted       : models:/{res.model_name}@{res.alias} -> version {res.version} (was {was})")
     for g in res.gates: print(f"gate passed    : {g}")
     return 0
 
@@ -138,7 +208,8 @@ def cmd_promote(args) -> int:
 @command("rollback", "give the alias back to the version that held it before", [
     Arg("--reason", default="", help="why (recorded with the rollback)"),
 ])
-def cmd_rollback(args) -> int:
+def cmd_rollback(args,  # the parsed command line
+                ) -> int:
     "Give the alias back to its previous holder."
     from mlflow_nb.registry import rollback
     cfg, _ = configured(args)
@@ -148,7 +219,8 @@ def cmd_rollback(args) -> int:
 
 # %% ../nbs/19_cli.ipynb #515b7543
 @command("history", "print the promotion history of the alias")
-def cmd_history(args) -> int:
+def cmd_history(args,  # the parsed command line
+               ) -> int:
     "Print the promotion history of the configured alias."
     from mlflow.exceptions import MlflowException
     from mlflow_nb.registry import promotion_history
@@ -208,7 +280,8 @@ def cmd_sweep(args) -> int:
     Arg("--notebooks", metavar="DIR", help="folder of step notebooks (default: nbs/pipeline)"),
     Arg("--data", metavar="FILE", help="train on this file (needed when the run's data lies outside this folder)"),
 ])
-def cmd_reproduce(args) -> int:
+def cmd_reproduce(args,  # the parsed command line
+                 ) -> int:
     "Re-run a logged pipeline or training run and compare its metrics."
     import mlflow
     from mlflow_nb.reproduce import reproduce
@@ -217,7 +290,8 @@ def cmd_reproduce(args) -> int:
     for w in rep.warnings: print(f"warning: {w}", file=sys.stderr)
     print(f"reproduction   : {rep.new_run_id} of {rep.original_run_id}")
     for r in rep.comparison.itertuples():
-        print(f"  {r.step:<9} {r.metric:<18} {r.original!r:>22} {r.reproduced!r:>22}  {'identical' if r.identical else 'DIFFERS'}")
+        same = "identical" if r.identical else "DIFFERS"
+        print(f"  {r.step:<9} {r.metric:<18} {r.original!r:>22} {r.reproduced!r:>22}  {same}")
     print("all metrics identical" if rep.identical else "some metrics differ")
     return 0 if rep.identical else 1
 
@@ -273,58 +347,14 @@ def cmd_monitor(args) -> int:
 @command("cleanup", "mark FAILED the runs left RUNNING by processes that died", [
     Arg("--older-than", type=float, metavar="HOURS", help="also end runs of any host RUNNING longer than this"),
 ])
-def cmd_cleanup(args) -> int:
+def cmd_cleanup(args,  # the parsed command line
+               ) -> int:
     "Mark FAILED the runs left RUNNING by processes that died."
     from mlflow_nb.tracking import end_orphaned_runs
     if args.older_than is not None and args.older_than < 0: raise MlflowNbError("--older-than: must be >= 0 hours")
     cfg, tr = configured(args)
-    ended = end_orphaned_runs(list(tr.experiment_ids.values()), None if args.older_than is None else args.older_than * 3600)
+    older_than = None if args.older_than is None else args.older_than * 3600
+    ended = end_orphaned_runs(list(tr.experiment_ids.values()), older_than)
     for rid in ended: print(f"marked FAILED : {rid}")
     print(f"{len(ended)} orphaned run(s) ended")
     return 0
-
-# %% ../nbs/19_cli.ipynb #34072240
-def build_parser() -> argparse.ArgumentParser:
-    "The `mlflow-nb` parser: one subcommand per registered command."
-    p = _Parser(prog="mlflow-nb", description="Notebook-first MLflow: configs, tracked training, papermill pipelines.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-    for name, (fn, help, args, exclusive) in COMMANDS.items():
-        s = sub.add_parser(name, help=help)
-        group = s.add_mutually_exclusive_group() if exclusive else None
-        for flags, kw in [*COMMON, *args]:
-            dest = flags[-1].lstrip("-").replace("-", "_")
-            (group if group is not None and dest in exclusive else s).add_argument(*flags, **kw)
-        s.set_defaults(func=fn)
-    return p
-
-# %% ../nbs/19_cli.ipynb #81ba1c35
-def _say(msg: str) -> None: print(redact(msg), file=sys.stderr)
-
-def _terminate(signum, frame):
-    "SIGTERM ends the command like Ctrl-C does: every run it opened is ended KILLED on the way out."
-    raise KeyboardInterrupt(f"signal {signum}")
-
-def main(argv: list[str] | None = None) -> int:
-    "Entry point of the `mlflow-nb` command."
-    import signal
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per download is noise in a CLI
-    args = build_parser().parse_args(argv)
-    from mlflow_nb.pipeline import PipelineStepFailed
-    if threading.current_thread() is threading.main_thread(): signal.signal(signal.SIGTERM, _terminate)
-    try: return args.func(args)
-    except PipelineStepFailed as e:
-        _say(f"mlflow-nb: {e}"); return 1
-    except MlflowNbError as e:
-        _say(f"mlflow-nb: error: {e}"); return 2
-    except KeyboardInterrupt:
-        _say("mlflow-nb: interrupted: the runs this command opened were ended as KILLED"); return 130
-    except Exception as e:  # the tracking store refused or could not be reached: say so in one line
-        from mlflow.exceptions import MlflowException
-        import requests
-        if isinstance(e, MlflowException):
-            _say(f"mlflow-nb: tracking store error: {error_line(e.message or type(e).__name__, with_type=False)}")
-            return 2 if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS") else 1
-        if isinstance(e, requests.exceptions.RequestException):
-            _say(f"mlflow-nb: tracking server unreachable: {error_line(e, limit=300)}"); return 1
-        raise

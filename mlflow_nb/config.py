@@ -1,4 +1,4 @@
-"""Typed, strict configuration: the guide's YAML files, validated on load, with errors that name the file and the key
+"""Typed, strict configuration: the guide's YAML files, validated on load, errors naming the file and the key
 
 Docs: https://mlflow-nb.github.io/mlflow_nb/config.html.md"""
 
@@ -13,12 +13,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .core import MlflowNbError, redact, redact_url
+from .core import MlflowNbError, error_line, redact, redact_url
 from .estimators import EstimatorError, check_params, estimator_task, resolve_estimator
 from .metrics import METRICS
 
 # %% auto #0
-__all__ = ['STORE_SCHEMES', 'MLFLOW_FILE', 'MODEL_FILE', 'SERVING_FILE', 'ConfigError', 'check_store_uri', 'TrackingServer',
+__all__ = ['MLFLOW_FILE', 'MODEL_FILE', 'SERVING_FILE', 'STORE_SCHEMES', 'ConfigError', 'check_store_uri', 'TrackingServer',
            'Experiments', 'Artifacts', 'Registry', 'Logging', 'MlflowConfig', 'ModelSpec', 'DataSpec', 'Training',
            'Validation', 'Bound', 'Promotion', 'ModelConfig', 'Serve', 'Monitor', 'ServingConfig', 'resolve_uri',
            'json_typed', 'parse_override', 'Config', 'load_config', 'config_from_dict']
@@ -28,28 +28,37 @@ class ConfigError(MlflowNbError):
     "A config file, key, override or environment variable is invalid."
 
 # %% ../nbs/03_config.ipynb #af2d52db
+MLFLOW_FILE, MODEL_FILE, SERVING_FILE = "mlflow_config.yaml", "model_config.yaml", "serving_config.yaml"
+
+# %% ../nbs/03_config.ipynb #a7a1f438
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
 
+# %% ../nbs/03_config.ipynb #76140e31
 STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc")
 
 def check_store_uri(uri: str,  # a tracking or registry URI
                    ) -> str:
     "`uri`, or `ValueError` when it does not name a store MLflow can track to."
-    scheme = uri.partition("://")[0].split("+")[0].lower() if "://" in uri else ("databricks" if uri == "databricks" else "")
+    if "://" in uri: scheme = uri.partition("://")[0].split("+")[0].lower()
+    else: scheme = "databricks" if uri == "databricks" else ""
     if scheme not in STORE_SCHEMES:
         raise ValueError(f"unsupported store {redact(uri)!r}: use sqlite:///FILE, a database URI "
                          f"(postgresql+psycopg2://…) or http(s)://host:port of an mlflow server")
     return uri
 
+# %% ../nbs/03_config.ipynb #ecf08bd2
 class TrackingServer(_Strict):
+    "`tracking_server`: where runs are recorded."
     uri: str = "sqlite:///mlflow.db"  # a SQLite URI (embedded) or http(s)://host:port (an mlflow server)
 
     @field_validator("uri")
     @classmethod
     def _store(cls, v): return check_store_uri(v)
 
+# %% ../nbs/03_config.ipynb #695846ce
 class Experiments(_Strict):
+    "`experiments`: the experiment of each role."
     default: str = "development"  # training, validation and sweeps
     production: str = "production"  # promotion, serving and monitoring
 
@@ -66,29 +75,37 @@ class Experiments(_Strict):
                              "promotion and monitoring runs would mix with training runs")
         return self
 
+# %% ../nbs/03_config.ipynb #18a2fed1
 class Artifacts(_Strict):
+    "`artifacts`: where experiments created here keep their artifacts."
     store: str = "./artifacts"  # folder (or URI) under which each experiment keeps its artifacts
 
+# %% ../nbs/03_config.ipynb #b6004bac
 class Registry(_Strict):
+    "`registry`: the model registry's store."
     uri: str | None = None  # None: the tracking URI
 
     @field_validator("uri")
     @classmethod
     def _store(cls, v): return v if v is None else check_store_uri(v)
 
+# %% ../nbs/03_config.ipynb #6fb20c38
 class Logging(_Strict):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    "`logging`: how much MLflow and mlflow_nb log."
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"  # of the mlflow_nb and mlflow loggers
 
+# %% ../nbs/03_config.ipynb #4be17e05
 class MlflowConfig(_Strict):
     "The contents of `mlflow_config.yaml`."
-    tracking_server: TrackingServer = TrackingServer()
-    experiments: Experiments = Experiments()
-    artifacts: Artifacts = Artifacts()
-    registry: Registry = Registry()
-    logging: Logging = Logging()
+    tracking_server: TrackingServer = TrackingServer()  # where runs are recorded
+    experiments: Experiments = Experiments()  # the experiment names of each role
+    artifacts: Artifacts = Artifacts()  # where artifacts are kept
+    registry: Registry = Registry()  # the model registry (default: the tracking store)
+    logging: Logging = Logging()  # log level
 
 # %% ../nbs/03_config.ipynb #6fd53da0
 class ModelSpec(_Strict):
+    "`model` in the YAML (`model.estimator` in code): what to train and the name to register it under."
     name: str = Field(min_length=1)  # the registered model name
     type: str = "RandomForestRegressor"  # estimator class name or dotted path
     params: dict[str, Any] = {}  # constructor arguments
@@ -102,12 +119,16 @@ class ModelSpec(_Strict):
                              + (f" (it contains {' '.join(repr(c) for c in bad)})" if bad else ""))
         return v
 
+# %% ../nbs/03_config.ipynb #2ecb5b18
 class DataSpec(_Strict):
+    "`data`: where the rows come from and which column to predict."
     source: str = "sklearn:diabetes"  # CSV/Parquet path or `sklearn:<name>`
     target: str = "target"  # the column to predict
     features: list[str] | None = None  # None: every column but the target
 
+# %% ../nbs/03_config.ipynb #6a5c796c
 class Training(_Strict):
+    "`training`: the split and the seed."
     test_size: float = 0.2  # share of rows held out, strictly between 0 and 1
     random_state: int = 42  # seeds the split, the model and every library RNG
 
@@ -117,10 +138,14 @@ class Training(_Strict):
         if not 0 < v < 1: raise ValueError(f"must be between 0 and 1, got {v}")
         return v
 
+# %% ../nbs/03_config.ipynb #81cb534f
 class Validation(_Strict):
+    "`validation`: cross-validation."
     cv_folds: int = Field(5, ge=2)  # k of k-fold cross-validation
 
+# %% ../nbs/03_config.ipynb #ccf600a2
 class Bound(_Strict):
+    "A gate on one metric: its value must lie within [min, max]."
     min: float | None = None  # the metric must be >= min
     max: float | None = None  # the metric must be <= max
 
@@ -131,23 +156,28 @@ class Bound(_Strict):
             raise ValueError(f"max ({self.max}) is below min ({self.min})")
         return self
 
+# %% ../nbs/03_config.ipynb #92476c9e
 class Promotion(_Strict):
+    "`promotion`: the alias a passing version gets and the gates it must pass."
     alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")  # the alias a passing version gets
     thresholds: dict[str, Bound] = {}  # absolute gates per metric of the version's run
     min_delta: float = Field(0.0, ge=0)  # must beat the current holder by at least this on the primary metric
 
+# %% ../nbs/03_config.ipynb #c540451e
 class ModelConfig(_Strict):
     "The contents of `model_config.yaml`."
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True, populate_by_name=True)
     estimator: ModelSpec = Field(alias="model")  # the YAML's `model:` section
-    data: DataSpec = DataSpec()
-    training: Training = Training()
+    data: DataSpec = DataSpec()  # the data set
+    training: Training = Training()  # split and seed
     metrics: list[str] = ["rmse", "mae", "r2"]  # evaluated on the test split; the first is the primary metric
-    validation: Validation = Validation()
-    promotion: Promotion = Promotion()
+    validation: Validation = Validation()  # cross-validation
+    promotion: Promotion = Promotion()  # gates and alias
 
     @property
-    def primary_metric(self) -> str: return self.metrics[0]
+    def primary_metric(self) -> str:
+        "The metric that selection and the beat-the-champion gate rank by: the first in `metrics`."
+        return self.metrics[0]
 
 # %% ../nbs/03_config.ipynb #4baec2fe
 class Serve(_Strict):
@@ -262,7 +292,8 @@ def _read_yaml(path: Path) -> dict:
     except yaml.YAMLError as e: raise ConfigError(f"{show}: YAML error: {e}") from None
     except UnicodeDecodeError: raise ConfigError(f"{show}: not UTF-8 text") from None
     if data is None: raise ConfigError(f"{show}: file is empty (expected a mapping of config keys)")
-    if not isinstance(data, dict): raise ConfigError(f"{show}: expected a mapping of config keys, got {type(data).__name__}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{show}: expected a mapping of config keys, got {type(data).__name__}")
     return data
 
 # %% ../nbs/03_config.ipynb #8332a13d
@@ -281,7 +312,7 @@ def resolve_uri(uri: str,  # a URI or a path
 def json_typed(value: Any,  # a parsed value
                where: str,  # what to name in the error
               ) -> Any:
-    "`value` when it holds only JSON types (dict with str keys, list, str, int, float, bool, None); else `ConfigError`."
+    "`value` when it holds only JSON types (mappings with text keys, lists, text, numbers, booleans, None)."
     if value is None or type(value) in (str, int, float, bool): return value
     if type(value) is list: return [json_typed(v, where) for v in value]
     if type(value) is dict:
@@ -291,6 +322,7 @@ def json_typed(value: Any,  # a parsed value
     raise ConfigError(f"{where}: only JSON values (text, numbers, true/false, null, lists, mappings) are allowed, "
                       f"got {type(value).__name__}")
 
+# %% ../nbs/03_config.ipynb #54933a1e
 def parse_override(item: str,  # "a.b.c=value"
                   ) -> tuple[list[str], Any]:
     "(['a', 'b', 'c'], value) from 'a.b.c=value', the value parsed as YAML."
@@ -312,11 +344,11 @@ def _set_in(data: dict, keys: list[str], value, item: str) -> None:
 class Config(BaseModel):
     "The config files, validated, with the paths they were read from."
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
-    mlflow: MlflowConfig
-    model: ModelConfig
-    serving: ServingConfig = ServingConfig()
-    folder: Path
-    files: dict[str, Path]
+    mlflow: MlflowConfig  # mlflow_config.yaml
+    model: ModelConfig  # model_config.yaml
+    serving: ServingConfig = ServingConfig()  # serving_config.yaml
+    folder: Path  # the config folder
+    files: dict[str, Path]  # the files read, by section ("mlflow", "model", "serving")
 
     @property
     def tracking_uri(self) -> str: return self.mlflow.tracking_server.uri
@@ -337,12 +369,28 @@ class Config(BaseModel):
     @property
     def digest(self) -> str:
         "sha256 (16 hex) of the validated model config: equal digests, equal training recipe."
-        return hashlib.sha256(json.dumps(self.model.model_dump(mode="json", by_alias=True), sort_keys=True).encode()).hexdigest()[:16]
-
-MLFLOW_FILE, MODEL_FILE, SERVING_FILE = "mlflow_config.yaml", "model_config.yaml", "serving_config.yaml"
-_SECTIONS = (("mlflow", MlflowConfig), ("model", ModelConfig), ("serving", ServingConfig))
+        recipe = json.dumps(self.model.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 # %% ../nbs/03_config.ipynb #127dcf9d
+def _check_metrics(cfg: ModelConfig, cls: type, fail) -> None:
+    "Each metric known, of the estimator's task, listed once; each gate on a metric the model logs."
+    if not cfg.metrics: fail("metrics", "list at least one metric")
+    task = estimator_task(cls)
+    for i, m in enumerate(cfg.metrics):
+        if m not in METRICS:
+            close = difflib.get_close_matches(m, list(METRICS), n=1)
+            fail(f"metrics.{i}", f"unknown metric {m!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                 + f"; known: {', '.join(METRICS)}")
+        if METRICS[m].task != task:
+            fail(f"metrics.{i}", f"{m!r} is a {METRICS[m].task} metric but {cls.__name__} does {task}")
+    if len(set(cfg.metrics)) != len(cfg.metrics): fail("metrics", "each metric may appear once")
+    gateable = set(cfg.metrics) | {f"cv_{m}_{s}" for m in cfg.metrics for s in ("mean", "std")}
+    for m in cfg.promotion.thresholds:
+        if m not in gateable:
+            fail(f"promotion.thresholds.{m}",
+                 f"not a metric this model logs (choose from: {', '.join(sorted(gateable))})")
+
 def _check_model(cfg: ModelConfig, where, import_modules: bool = True) -> None:
     "Cross-field checks of the model config; `where(key)` says where a key came from."
     def fail(key, msg): raise ConfigError(f"{where(key)}: {msg}")
@@ -353,23 +401,13 @@ def _check_model(cfg: ModelConfig, where, import_modules: bool = True) -> None:
     except ValueError as e:
         k, _, msg = str(e).partition(": ")
         fail(f"model.params.{k}", msg) if k in spec.params else fail("model.params", str(e))
-    except TypeError as e: fail("model.params", str(e).splitlines()[0])
-    if not cfg.metrics: fail("metrics", "list at least one metric")
-    task = estimator_task(cls)
-    for i, m in enumerate(cfg.metrics):
-        if m not in METRICS:
-            close = difflib.get_close_matches(m, list(METRICS), n=1)
-            fail(f"metrics.{i}", f"unknown metric {m!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                 + f"; known: {', '.join(METRICS)}")
-        if METRICS[m].task != task: fail(f"metrics.{i}", f"{m!r} is a {METRICS[m].task} metric but {cls.__name__} does {task}")
-    if len(set(cfg.metrics)) != len(cfg.metrics): fail("metrics", "each metric may appear once")
-    gateable = set(cfg.metrics) | {f"cv_{m}_{s}" for m in cfg.metrics for s in ("mean", "std")}
-    for m in cfg.promotion.thresholds:
-        if m not in gateable:
-            fail(f"promotion.thresholds.{m}", f"not a metric this model logs (choose from: {', '.join(sorted(gateable))})")
+    except TypeError as e: fail("model.params", error_line(e, with_type=False))
+    _check_metrics(cfg, cls, fail)
     if cfg.data.target in (cfg.data.features or []): fail("data.features", f"lists the target {cfg.data.target!r}")
 
 # %% ../nbs/03_config.ipynb #5914ea33
+_SECTIONS = (("mlflow", MlflowConfig), ("model", ModelConfig), ("serving", ServingConfig))
+
 def _apply_overrides(raw: dict, overrides: list[str]) -> dict[str, str]:
     "Apply `overrides` to the raw sections in place; {dotted key: how to name it in errors}."
     given = {}
@@ -390,8 +428,17 @@ def _resolved(mcfg: MlflowConfig, model: ModelConfig, base: Path, uri_base: Path
         "registry": Registry(uri=mcfg.registry.uri and resolve_uri(mcfg.registry.uri, base)),
         "artifacts": Artifacts(store=resolve_uri(mcfg.artifacts.store, base))})
     if not model.data.source.startswith("sklearn:"):
-        model = model.model_copy(update={"data": model.data.model_copy(update={"source": resolve_uri(model.data.source, base)})})
+        data = model.data.model_copy(update={"source": resolve_uri(model.data.source, base)})
+        model = model.model_copy(update={"data": data})
     return mcfg, model
+
+def _env_uri(raw: dict, given: dict, env_uri: str | None) -> bool:
+    "Put `MLFLOW_TRACKING_URI` into the raw mlflow section unless an override gave the URI; whether it did."
+    if "tracking_server.uri" in given or not env_uri: return False
+    if not isinstance(raw["mlflow"].setdefault("tracking_server", {}), dict): raw["mlflow"]["tracking_server"] = {}
+    raw["mlflow"]["tracking_server"]["uri"] = env_uri
+    given["tracking_server.uri"] = f"MLFLOW_TRACKING_URI={redact(env_uri)}"
+    return True
 
 def load_config(path: str | Path = "configs",  # folder holding mlflow_config.yaml and model_config.yaml
                 overrides: list[str] = (),  # "key.sub=value" strings, applied last
@@ -400,23 +447,19 @@ def load_config(path: str | Path = "configs",  # folder holding mlflow_config.ya
     "Load, override, validate and resolve the config files; `ConfigError` names file, key and problem."
     folder = Path(path)
     if not folder.is_dir():
-        raise ConfigError(f"{_show(folder)}: config folder not found (expected a folder with {MLFLOW_FILE} and {MODEL_FILE})")
+        raise ConfigError(f"{_show(folder)}: config folder not found "
+                          f"(expected a folder with {MLFLOW_FILE} and {MODEL_FILE})")
     files = {"mlflow": folder / MLFLOW_FILE, "model": folder / MODEL_FILE}
     if (folder / SERVING_FILE).exists(): files["serving"] = folder / SERVING_FILE
     raw = {k: _read_yaml(p) for k, p in files.items()}
     raw.setdefault("serving", {})
-    env_uri = (os.environ if env is None else env).get("MLFLOW_TRACKING_URI")
     given = _apply_overrides(raw, list(overrides))
-    uri_base = folder.resolve()
-    if "tracking_server.uri" not in given and env_uri:  # the environment beats the file
-        if not isinstance(raw["mlflow"].setdefault("tracking_server", {}), dict): raw["mlflow"]["tracking_server"] = {}
-        raw["mlflow"]["tracking_server"]["uri"] = env_uri
-        given["tracking_server.uri"], uri_base = f"MLFLOW_TRACKING_URI={redact(env_uri)}", Path.cwd()
+    from_env = _env_uri(raw, given, (os.environ if env is None else env).get("MLFLOW_TRACKING_URI"))
     mcfg = _validate(MlflowConfig, raw["mlflow"], files["mlflow"], given)
     model = _validate(ModelConfig, raw["model"], files["model"], given)
     _check_model(model, lambda k: given.get(k) or f"{_show(files['model'])}: {k}")
     serving = _validate(ServingConfig, raw["serving"], folder / SERVING_FILE, given)
-    mcfg, model = _resolved(mcfg, model, folder.resolve(), uri_base)
+    mcfg, model = _resolved(mcfg, model, folder.resolve(), Path.cwd() if from_env else folder.resolve())
     return Config(mlflow=mcfg, model=model, serving=serving, folder=folder.resolve(),
                   files={k: p.resolve() for k, p in files.items()})
 

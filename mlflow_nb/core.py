@@ -6,16 +6,18 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #c8824d34
 from __future__ import annotations
-import atexit, os, re, shutil, tempfile
+import atexit, logging, os, re, shutil, tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['TAG_KIND', 'TAG_STEP', 'TAG_ERROR', 'TAG_CONFIG_DIGEST', 'TAG_HOST', 'TAG_PID', 'TAG_BOOT', 'TAG_REGISTERED_VERSION',
-           'TAG_PRIMARY_METRIC', 'TAG_MODEL', 'TAG_ALIAS', 'TAG_MODEL_VERSION', 'TAG_SWEEP_TRIAL', 'TAG_STARTED_RUN',
-           'TAG_REPRODUCES', 'TAG_GIT_BRANCH', 'TAG_GIT_DIRTY', 'TAG_SOURCE', 'TAG_DATASET_DRIFT', 'TAG_DRIFTED',
-           'TAG_ALERTS', 'TAG_UNCHECKED_METRICS', 'TAG_PROMOTED_AT', 'TAG_PROMOTED_BY', 'TAG_PROMOTION_REASON',
-           'TAG_PREVIOUS_VERSION', 'TAG_PROMOTED_ALIAS', 'HISTORY_PREFIX', 'GIT_COMMIT', 'PARENT_RUN', 'REDACTED',
-           'MlflowNbError', 'error_line', 'step_tag', 'redact', 'redact_url', 'TempStore', 'temp_store']
+__all__ = ['TAG_KIND', 'TAG_STEP', 'TAG_ERROR', 'TAG_CONFIG_DIGEST', 'TAG_MODEL', 'TAG_ALIAS', 'TAG_MODEL_VERSION',
+           'TAG_REGISTERED_VERSION', 'TAG_HOST', 'TAG_PID', 'TAG_BOOT', 'TAG_PRIMARY_METRIC', 'TAG_SWEEP_TRIAL',
+           'TAG_STARTED_RUN', 'TAG_REPRODUCES', 'TAG_GIT_BRANCH', 'TAG_GIT_DIRTY', 'TAG_SOURCE', 'TAG_DATASET_DRIFT',
+           'TAG_DRIFTED', 'TAG_ALERTS', 'TAG_UNCHECKED_METRICS', 'TAG_PROMOTED_AT', 'TAG_PROMOTED_BY',
+           'TAG_PROMOTION_REASON', 'TAG_PREVIOUS_VERSION', 'TAG_PROMOTED_ALIAS', 'HISTORY_PREFIX', 'GIT_COMMIT',
+           'PARENT_RUN', 'LOCK_PREFIX', 'REDACTED', 'MlflowNbError', 'error_line', 'step_tag', 'redact', 'redact_url',
+           'quiet_migrations', 'TempStore', 'temp_store']
 
 # %% ../nbs/00_core.ipynb #cdf51e48
 class MlflowNbError(Exception):
@@ -38,10 +40,10 @@ TAG_KIND = "mlflow_nb.kind"  # what a run is: train, step, pipeline, sweep, serv
 TAG_STEP = "mlflow_nb.step"  # the pipeline step a step run ran
 TAG_ERROR = "mlflow_nb.error"  # why a run FAILED (one line)
 TAG_CONFIG_DIGEST = "mlflow_nb.config_digest"  # sha256 of the validated model config
-TAG_HOST, TAG_PID, TAG_BOOT = "mlflow_nb.host", "mlflow_nb.pid", "mlflow_nb.boot_id"  # the process that owns a run
-TAG_REGISTERED_VERSION = "mlflow_nb.registered_version"  # the model version a training run registered
-TAG_PRIMARY_METRIC = "mlflow_nb.primary_metric"
 TAG_MODEL, TAG_ALIAS, TAG_MODEL_VERSION = "mlflow_nb.model", "mlflow_nb.alias", "mlflow_nb.model_version"
+TAG_REGISTERED_VERSION = "mlflow_nb.registered_version"  # the model version a training run registered
+TAG_HOST, TAG_PID, TAG_BOOT = "mlflow_nb.host", "mlflow_nb.pid", "mlflow_nb.boot_id"  # the process that owns a run
+TAG_PRIMARY_METRIC = "mlflow_nb.primary_metric"
 TAG_SWEEP_TRIAL = "mlflow_nb.sweep_trial"  # the trial number of a sweep's child run
 TAG_STARTED_RUN = "mlflow_nb.started_run_id"  # on an `mlflow run` run the pipeline did not adopt: the run it started
 TAG_REPRODUCES = "mlflow_nb.reproduces"  # the run a reproduction re-ran
@@ -56,16 +58,21 @@ HISTORY_PREFIX = "mlflow_nb.promotion."  # registered-model tags: one promotion 
 GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own tag for the commit a run's code came from
 PARENT_RUN = "mlflow.parentRunId"  # MLflow's own tag linking a child run to its parent
 
+# %% ../nbs/00_core.ipynb #a9759674
 def step_tag(step: str,  # a pipeline step, e.g. "train"
              key: str,  # what it hands on, e.g. "version"
             ) -> str:
     "The tag under which a pipeline step hands a result on to the later steps."
     return f"mlflow_nb.{step}.{key}"
 
+# %% ../nbs/00_core.ipynb #537be184
+LOCK_PREFIX = "mlflow_nb.lock."  # registered models named so are promotion locks, not models
+
 # %% ../nbs/00_core.ipynb #881737c5
+REDACTED = "***"  # what a secret is replaced with
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
-_QUERY_SECRET = re.compile(r"(?i)([?&](?:password|passwd|pwd|token|access_token|api_key|apikey|key|secret|sig|signature)=)[^&#\s\"']*")
-REDACTED = "***"
+_SECRET_KEYS = "password|passwd|pwd|token|access_token|api_key|apikey|key|secret|sig|signature"
+_QUERY_SECRET = re.compile(rf"(?i)([?&](?:{_SECRET_KEYS})=)[^&#\s\"']*")
 
 def redact(text: str,  # any text: a URI, a message, a JSON document
           ) -> str:
@@ -74,6 +81,7 @@ def redact(text: str,  # any text: a URI, a message, a JSON document
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
     return _QUERY_SECRET.sub(lambda m: m.group(1) + REDACTED, text)
 
+# %% ../nbs/00_core.ipynb #f9797b87
 def redact_url(url: str | None,  # a URL that is a secret as a whole, such as a webhook
               ) -> str | None:
     "Only the scheme and host of `url` (its path and query may be the token)."
@@ -82,6 +90,17 @@ def redact_url(url: str | None,  # a URL that is a secret as a whole, such as a 
     return f"{m[1]}{m[2]}/{REDACTED}" if m else REDACTED
 
 # %% ../nbs/00_core.ipynb #89726fa3
+@contextmanager
+def quiet_migrations():
+    "Silence the INFO lines MLflow and alembic print while creating a fresh store's tables."
+    loggers = [logging.getLogger(n) for n in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers: lg.setLevel(logging.WARNING)
+    try: yield
+    finally:
+        for lg, lv in zip(loggers, levels): lg.setLevel(lv)
+
+# %% ../nbs/00_core.ipynb #fd04594d
 class TempStore:
     "A temporary SQLite tracking store and artifact folder; MLflow points at it until `close()`."
     def __init__(self, activate: bool = True):  # point MLflow's fluent API at the store now
@@ -98,11 +117,13 @@ class TempStore:
         return [f"tracking_server.uri={self.uri}", f"artifacts.store={self.artifacts}"]
 
     def activate(self) -> "TempStore":
+        "Point MLflow's tracking and registry URIs at this store, remembering the ones it replaces."
         import mlflow
         env = os.environ.get("MLFLOW_TRACKING_URI")
         self._saved = (env, mlflow.get_tracking_uri(), mlflow.get_registry_uri())
         mlflow.set_tracking_uri(self.uri); mlflow.set_registry_uri(self.uri)
         self._restore_env(env)  # MLflow exported the URI; the variable stays the user's
+        with quiet_migrations(): mlflow.MlflowClient(self.uri).search_experiments(max_results=1)  # create the tables
         return self
 
     @staticmethod
@@ -124,6 +145,7 @@ class TempStore:
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
+# %% ../nbs/00_core.ipynb #d68023c2
 def temp_store(activate: bool = True,  # point MLflow at it now
               ) -> TempStore:
     "A temporary tracking store, removed on `close()`, at the end of a `with` block or at exit."

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import MlflowNbError
+from .core import MlflowNbError, error_line
 from .config import DataSpec, Training
 
 # %% auto #0
 __all__ = ['BUNDLED', 'GRID', 'OTHER', 'PROFILE_PATH', 'DataError', 'load_dataset', 'select_xy', 'Split', 'split_data',
-           'column_kinds', 'build_preprocessor', 'to_model_frame', 'build_pipeline', 'dataset_input',
+           'column_kinds', 'to_model_frame', 'build_preprocessor', 'build_pipeline', 'dataset_input',
            'log_dataset_inputs', 'sorted_quantiles', 'build_profile']
 
 # %% ../nbs/06_data.ipynb #b7d1242e
@@ -26,7 +26,15 @@ class DataError(MlflowNbError):
     "The configured data cannot be used: missing file, missing column, wrong type."
 
 # %% ../nbs/06_data.ipynb #b0d9a3dd
-BUNDLED = {"diabetes": "load_diabetes", "breast_cancer": "load_breast_cancer", "iris": "load_iris", "wine": "load_wine"}
+BUNDLED = {"diabetes": "load_diabetes", "breast_cancer": "load_breast_cancer", "iris": "load_iris",
+           "wine": "load_wine"}  # `sklearn:<name>` -> scikit-learn's loader
+
+def _read_file(p: Path) -> pd.DataFrame:
+    suffixes = "".join(p.suffixes[-2:]).lower()
+    if suffixes.endswith((".parquet", ".pq")): return pd.read_parquet(p)
+    if suffixes.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
+        return pd.read_csv(p, sep="\t" if ".tsv" in suffixes else ",")
+    raise DataError(f"data.source: {p.name}: unsupported file type (use .csv, .tsv or .parquet)")
 
 def load_dataset(source: str,  # a file path or "sklearn:<name>"
                 ) -> pd.DataFrame:
@@ -40,26 +48,30 @@ def load_dataset(source: str,  # a file path or "sklearn:<name>"
         return getattr(sklearn.datasets, BUNDLED[name])(as_frame=True).frame
     p = Path(source)
     if not p.is_file(): raise DataError(f"data.source: file not found: {p}")
-    suffixes = "".join(p.suffixes[-2:]).lower()
-    try:
-        if suffixes.endswith((".parquet", ".pq")): df = pd.read_parquet(p)
-        elif suffixes.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
-            df = pd.read_csv(p, sep="\t" if ".tsv" in suffixes else ",")
-        else: raise DataError(f"data.source: {p.name}: unsupported file type (use .csv, .tsv or .parquet)")
+    try: df = _read_file(p)
     except DataError: raise
-    except Exception as e:
-        raise DataError(f"data.source: cannot read {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    except Exception as e: raise DataError(f"data.source: cannot read {p}: {error_line(e)}") from None
     if df.empty: raise DataError(f"data.source: {p} has no rows")
     return df
 
 # %% ../nbs/06_data.ipynb #033c1ff7
-def select_xy(df: pd.DataFrame, spec: DataSpec, task: str,  # "regression" or "classification"
+def _check_types(X: pd.DataFrame, y: pd.Series, spec: DataSpec, task: str) -> None:
+    if task == "regression" and not pd.api.types.is_numeric_dtype(y):
+        bad = next(v for v in y if pd.isna(pd.to_numeric(pd.Series([v]), errors="coerce")[0]))
+        raise DataError(f"data.target: column {spec.target!r} must be numeric for a regressor, got {bad!r}")
+    for c in X.columns:
+        if pd.api.types.is_datetime64_any_dtype(X[c]) or isinstance(X[c].dtype, pd.PeriodDtype):
+            raise DataError(f"data.features: column {c!r} holds dates; convert it to numbers or text first")
+
+def select_xy(df: pd.DataFrame,  # the loaded data set
+              spec: DataSpec,  # `data`: target and features
+              task: str,  # "regression" or "classification"
              ) -> tuple[pd.DataFrame, pd.Series, int]:
     "(X, y, rows dropped for a missing target) per `spec`; `DataError` naming the column."
     cols = list(df.columns)
     if spec.target not in df.columns:
-        raise DataError(f"data.target: column {spec.target!r} not in the data (columns: {', '.join(map(str, cols[:20]))}"
-                        f"{', …' if len(cols) > 20 else ''})")
+        shown = ", ".join(map(str, cols[:20])) + (", …" if len(cols) > 20 else "")
+        raise DataError(f"data.target: column {spec.target!r} not in the data (columns: {shown})")
     features = spec.features or [c for c in cols if c != spec.target]
     missing = [c for c in features if c not in df.columns]
     if missing: raise DataError(f"data.features: column {missing[0]!r} not in the data")
@@ -67,58 +79,54 @@ def select_xy(df: pd.DataFrame, spec: DataSpec, task: str,  # "regression" or "c
     keep = df[spec.target].notna()
     X, y = df.loc[keep, features], df.loc[keep, spec.target]
     if len(y) == 0: raise DataError(f"data.target: column {spec.target!r} has no values")
-    if task == "regression" and not pd.api.types.is_numeric_dtype(y):
-        bad = next(v for v in y if pd.isna(pd.to_numeric(pd.Series([v]), errors="coerce")[0]))
-        raise DataError(f"data.target: column {spec.target!r} must be numeric for a regressor, got {bad!r}")
-    for c in X.columns:
-        if pd.api.types.is_datetime64_any_dtype(X[c]) or isinstance(X[c].dtype, pd.PeriodDtype):
-            raise DataError(f"data.features: column {c!r} holds dates; convert it to numbers or text first")
+    _check_types(X, y, spec, task)
     return X, y, int((~keep).sum())
 
 # %% ../nbs/06_data.ipynb #30b440f3
 @dataclass
 class Split:
-    X_train: pd.DataFrame
-    X_test: pd.DataFrame
-    y_train: pd.Series
-    y_test: pd.Series
+    "A train/test split of features and target."
+    X_train: pd.DataFrame  # training rows
+    X_test: pd.DataFrame  # held-out rows
+    y_train: pd.Series  # target of the training rows
+    y_test: pd.Series  # target of the held-out rows
 
-def split_data(X: pd.DataFrame, y: pd.Series, training: Training, task: str) -> Split:
+# %% ../nbs/06_data.ipynb #647a004a
+def _stratify(y: pd.Series, task: str) -> pd.Series | None:
+    "The labels to stratify by (classification), after checking every class can appear on both sides."
+    if task != "classification": return None
+    counts = y.value_counts()
+    labels = counts.index.tolist()  # Python values: np.int64(1) would read badly in a message
+    if len(counts) < 2: raise DataError(f"data.target: a classifier needs at least 2 classes, got {labels}")
+    if counts.min() < 2:
+        raise DataError(f"data.target: class {labels[int(np.argmin(counts.to_numpy()))]!r} has a single row; "
+                        "stratified splitting needs at least 2 per class")
+    return y
+
+def split_data(X: pd.DataFrame,  # features
+               y: pd.Series,  # target
+               training: Training,  # `training`: test_size and random_state
+               task: str,  # "regression" or "classification" (stratified)
+              ) -> Split:
     "Train/test split per `training`, stratified for classification."
     from sklearn.model_selection import train_test_split
-    strat = None
-    if task == "classification":
-        counts = y.value_counts()
-        if len(counts) < 2: raise DataError(f"data.target: a classifier needs at least 2 classes, got {list(counts.index)}")
-        if counts.min() < 2:
-            raise DataError(f"data.target: class {counts.idxmin()!r} has a single row; stratified splitting needs at least 2 per class")
-        strat = y
+    strat = _stratify(y, task)
     n_test = int(np.ceil(training.test_size * len(y)))
     if n_test < 1 or len(y) - n_test < 1:
         raise DataError(f"training.test_size: {training.test_size} leaves an empty side of the split for {len(y)} rows")
-    try: parts = train_test_split(X, y, test_size=training.test_size, random_state=training.random_state, stratify=strat)
+    try: parts = train_test_split(X, y, test_size=training.test_size, random_state=training.random_state,
+                                  stratify=strat)
     except ValueError as e: raise DataError(f"training.test_size: {e}") from None
     return Split(*parts)
 
 # %% ../nbs/06_data.ipynb #810fa19c
-def column_kinds(X: pd.DataFrame) -> tuple[list[str], list[str]]:
+def column_kinds(X: pd.DataFrame,  # feature columns
+                ) -> tuple[list[str], list[str]]:
     "(numeric columns, categorical columns) of `X` by dtype."
     num = [c for c in X.columns if pd.api.types.is_numeric_dtype(X[c]) and not pd.api.types.is_bool_dtype(X[c])]
     return num, [c for c in X.columns if c not in num]
 
-def build_preprocessor(X: pd.DataFrame):
-    "A ColumnTransformer that imputes and scales numeric columns and one-hot encodes the others."
-    from sklearn.compose import ColumnTransformer
-    from sklearn.impute import SimpleImputer
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import OneHotEncoder, StandardScaler
-    num, cat = column_kinds(X)
-    parts = []
-    if num: parts.append(("num", Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())]), num))
-    if cat: parts.append(("cat", Pipeline([("impute", SimpleImputer(strategy="most_frequent")),
-                                           ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False))]), cat))
-    return ColumnTransformer(parts, verbose_feature_names_out=False)
-
+# %% ../nbs/06_data.ipynb #bf2fc76a
 def to_model_frame(X: pd.DataFrame  # raw feature columns
                   ) -> pd.DataFrame:
     "`X` as the model sees it: numeric columns as float64, the others as object columns of str (None for missing)."
@@ -129,6 +137,22 @@ def to_model_frame(X: pd.DataFrame  # raw feature columns
     for c in cat: X[c] = X[c].astype(object).where(X[c].notna(), None).map(lambda v: v if v is None else str(v))
     return X
 
+# %% ../nbs/06_data.ipynb #8303517a
+def build_preprocessor(X: pd.DataFrame,  # the training features (their dtypes choose the steps)
+                      ):
+    "A ColumnTransformer that imputes and scales numeric columns and one-hot encodes the others."
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+    num, cat = column_kinds(X)
+    numeric = Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())])
+    categorical = Pipeline([("impute", SimpleImputer(strategy="most_frequent")),
+                            ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False))])
+    parts = ([("num", numeric, num)] if num else []) + ([("cat", categorical, cat)] if cat else [])
+    return ColumnTransformer(parts, verbose_feature_names_out=False)
+
+# %% ../nbs/06_data.ipynb #4375d0d7
 def build_pipeline(estimator,  # an unfitted estimator
                    X: pd.DataFrame,  # the training features (their dtypes choose the preprocessing)
                   ):
@@ -137,7 +161,11 @@ def build_pipeline(estimator,  # an unfitted estimator
     return Pipeline([("preprocess", build_preprocessor(X)), ("model", estimator)])
 
 # %% ../nbs/06_data.ipynb #09074df2
-def dataset_input(X: pd.DataFrame, y: pd.Series, source: str, name: str):
+def dataset_input(X: pd.DataFrame,  # features
+                  y: pd.Series,  # target
+                  source: str,  # `data.source`: a path or "sklearn:<name>"
+                  name: str,  # the input's name, e.g. "training"
+                 ):
     "An `mlflow.data` PandasDataset of features and target, with `source` and a content digest."
     import mlflow.data
     from mlflow.data.code_dataset_source import CodeDatasetSource
@@ -145,7 +173,10 @@ def dataset_input(X: pd.DataFrame, y: pd.Series, source: str, name: str):
     src = CodeDatasetSource(tags={"bundled": source}) if source.startswith("sklearn:") else source
     return mlflow.data.from_pandas(frame, source=src, targets=str(y.name), name=name)
 
-def log_dataset_inputs(split: Split, source: str) -> dict[str, str]:
+# %% ../nbs/06_data.ipynb #737d64a1
+def log_dataset_inputs(split: Split,  # the train/test split
+                       source: str,  # `data.source`
+                      ) -> dict[str, str]:
     "Log train and test sets as inputs of the active run; returns their digests."
     import mlflow
     out = {}
@@ -156,10 +187,20 @@ def log_dataset_inputs(split: Split, source: str) -> dict[str, str]:
     return out
 
 # %% ../nbs/06_data.ipynb #aa0e3fd3
-GRID = np.linspace(0, 1, 1001)
-OTHER = "__other__"
-PROFILE_PATH = "monitoring/reference_profile.json"
+GRID = np.linspace(0, 1, 1001)  # the quantile levels of a numeric column's profile
+OTHER = "__other__"  # the pooled share of the categories beyond the most frequent
+PROFILE_PATH = "monitoring/reference_profile.json"  # where a training run logs its profile
 
+# %% ../nbs/06_data.ipynb #d02f7c66
+def sorted_quantiles(v: np.ndarray,  # a sorted 1-D array without NaN
+                     u: np.ndarray,  # levels in [0, 1]
+                    ) -> np.ndarray:
+    "Quantiles of the sorted 1-D array `v` at `u` (linear interpolation, as numpy's default), without re-sorting."
+    pos = u * (len(v) - 1)
+    lo = np.floor(pos).astype(int); hi = np.minimum(lo + 1, len(v) - 1)
+    return v[lo] + (pos - lo) * (v[hi] - v[lo])
+
+# %% ../nbs/06_data.ipynb #859214dc
 def _numeric_profile(v: np.ndarray, bins: int) -> dict:
     n_all = len(v)
     v = v[~np.isnan(v)]
@@ -180,23 +221,20 @@ def _categorical_profile(s: pd.Series, top: int = 100) -> dict:
     return {"kind": "categorical", "n": int(len(s)), "missing": float(1 - len(s) / n_all) if n_all else 0.0,
             "freq": {str(k): float(v) for k, v in freq.items()}, "other": other}
 
-def sorted_quantiles(v: np.ndarray,  # a sorted 1-D array without NaN
-                     u: np.ndarray,  # levels in [0, 1]
-                    ) -> np.ndarray:
-    "Quantiles of the sorted 1-D array `v` at `u` (linear interpolation, as numpy's default), without re-sorting."
-    pos = u * (len(v) - 1)
-    lo = np.floor(pos).astype(int); hi = np.minimum(lo + 1, len(v) - 1)
-    return v[lo] + (pos - lo) * (v[hi] - v[lo])
+def _column_profile(values, bins: int) -> dict:
+    s = pd.Series(np.asarray(values))
+    numeric = pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s)
+    return _numeric_profile(s.to_numpy(dtype=float), bins) if numeric else _categorical_profile(s)
 
-def build_profile(X: pd.DataFrame, predictions=None, bins: int = 10) -> dict:
+def build_profile(X: pd.DataFrame,  # the training features
+                  predictions=None,  # the model's predictions on them (profiled as the column "prediction")
+                  bins: int = 10,  # quantile bins for PSI
+                 ) -> dict:
     "The reference profile of features `X` (and of `predictions`, when given)."
     num, cat = column_kinds(X)
-    prof = {"version": 1, "rows": int(len(X)), "bins": bins, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "features": {}}
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    prof = {"version": 1, "rows": int(len(X)), "bins": bins, "created_at": created, "features": {}}
     for c in num: prof["features"][str(c)] = _numeric_profile(X[c].to_numpy(dtype=float), bins)
     for c in cat: prof["features"][str(c)] = _categorical_profile(X[c])
-    if predictions is not None:
-        p = pd.Series(np.asarray(predictions))
-        prof["prediction"] = _numeric_profile(p.to_numpy(dtype=float), bins) if pd.api.types.is_numeric_dtype(p) and not pd.api.types.is_bool_dtype(p) \
-            else _categorical_profile(p)
+    if predictions is not None: prof["prediction"] = _column_profile(predictions, bins)
     return prof

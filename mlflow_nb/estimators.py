@@ -1,4 +1,4 @@
-"""The estimator a config names: any scikit-learn estimator by name or dotted path, its parameters checked, and a PyTorch MLP with the scikit-learn interface
+"""The estimator a config names: scikit-learn's by name or dotted path, its params checked; a PyTorch MLP
 
 Docs: https://mlflow-nb.github.io/mlflow_nb/estimators.html.md"""
 
@@ -11,7 +11,7 @@ import difflib, importlib, inspect, sys, warnings
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 
-from .core import MlflowNbError
+from .core import MlflowNbError, error_line
 
 # %% auto #0
 __all__ = ['SAFE_PACKAGES', 'TorchMLPRegressor', 'TorchMLPClassifier', 'EstimatorError', 'resolve_estimator', 'estimator_task',
@@ -48,7 +48,7 @@ class _TorchMLP(BaseEstimator):
                 opt.zero_grad()
                 loss = loss_fn(net(Xt[idx]), yt[idx])
                 loss.backward(); opt.step()
-                total += float(loss) * len(idx)
+                total += loss.item() * len(idx)
             self.loss_curve_.append(total / len(perm))
         linears = [m for m in net if isinstance(m, nn.Linear)]
         self.coefs_ = [m.weight.detach().numpy().T.copy() for m in linears]
@@ -66,39 +66,56 @@ class _TorchMLP(BaseEstimator):
 # %% ../nbs/01_estimators.ipynb #eed6e214
 class TorchMLPRegressor(RegressorMixin, _TorchMLP):
     "A PyTorch multilayer perceptron for regression, with the scikit-learn estimator interface."
-    def fit(self, X, y):
+    def fit(self, X,  # training rows (numeric)
+            y,  # numeric target
+           ):
+        "Train the network on `X`, `y` (the target standardised internally); returns self."
         import torch
         y = np.asarray(y, dtype=np.float64)
         self.y_mean_, self.y_std_ = float(y.mean()), float(y.std() or 1.0)
         target = ((y - self.y_mean_) / self.y_std_).astype(np.float32).reshape(-1, 1)
         return self._fit(X, target, 1, torch.nn.MSELoss())
 
-    def predict(self, X): return self._forward(X)[:, 0].astype(np.float64) * self.y_std_ + self.y_mean_
+    def predict(self, X,  # rows to predict
+               ) -> np.ndarray:
+        "Predicted values (a NumPy forward pass: torch is not needed after `fit`)."
+        return self._forward(X)[:, 0].astype(np.float64) * self.y_std_ + self.y_mean_
 
 # %% ../nbs/01_estimators.ipynb #671d62a4
 class TorchMLPClassifier(ClassifierMixin, _TorchMLP):
     "A PyTorch multilayer perceptron for classification, with the scikit-learn estimator interface."
-    def fit(self, X, y):
+    def fit(self, X,  # training rows (numeric)
+            y,  # class labels
+           ):
+        "Train the network on `X`, `y` with cross-entropy; returns self."
         import torch
         self.classes_ = np.unique(np.asarray(y))
         target = np.searchsorted(self.classes_, np.asarray(y)).astype(np.int64)
         return self._fit(X, target, len(self.classes_), torch.nn.CrossEntropyLoss())
 
-    def predict_proba(self, X):
+    def predict_proba(self, X,  # rows to predict
+                     ) -> np.ndarray:
+        "Class probabilities, one column per class of `classes_` (a softmax of the network's output)."
         z = self._forward(X).astype(np.float64)
         z = np.exp(z - z.max(axis=1, keepdims=True))
         return z / z.sum(axis=1, keepdims=True)
 
-    def predict(self, X): return self.classes_[self.predict_proba(X).argmax(axis=1)]
+    def predict(self, X,  # rows to predict
+               ) -> np.ndarray:
+        "The most probable class of each row."
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
 # %% ../nbs/01_estimators.ipynb #9970fb11
+class EstimatorError(MlflowNbError):
+    "`model.type` names no usable estimator class."
+
+# %% ../nbs/01_estimators.ipynb #82cdb0bc
+SAFE_PACKAGES = ("sklearn", "mlflow_nb")  # packages whose estimators a stored config may name
+
+# %% ../nbs/01_estimators.ipynb #294be0d3
 _SKLEARN_MODULES = ("ensemble", "linear_model", "tree", "svm", "neighbors", "neural_network", "naive_bayes",
                     "gaussian_process", "kernel_ridge", "isotonic", "cross_decomposition", "discriminant_analysis",
                     "dummy", "multiclass", "calibration")
-SAFE_PACKAGES = ("sklearn", "mlflow_nb")  # packages whose estimators a stored config may name
-
-class EstimatorError(MlflowNbError):
-    "`model.type` names no usable estimator class."
 
 def _own() -> dict[str, type]:
     return {"TorchMLPRegressor": TorchMLPRegressor, "TorchMLPClassifier": TorchMLPClassifier}
@@ -106,8 +123,8 @@ def _own() -> dict[str, type]:
 def _import(path: str, import_modules: bool) -> type:
     mod, _, cls = path.rpartition(".")
     if not import_modules and mod not in sys.modules and mod.split(".")[0] not in SAFE_PACKAGES:
-        raise EstimatorError(f"{path!r}: module {mod!r} is not imported here; a stored config may only name estimators of "
-                             f"{', '.join(SAFE_PACKAGES)} or of modules already imported")
+        raise EstimatorError(f"{path!r}: module {mod!r} is not imported here; a stored config may only name "
+                             f"estimators of {', '.join(SAFE_PACKAGES)} or of modules already imported")
     try: found = getattr(importlib.import_module(mod), cls)
     except (ImportError, AttributeError): raise EstimatorError(f"no estimator class {path!r}") from None
     if not (inspect.isclass(found) and all(hasattr(found, a) for a in ("fit", "predict", "get_params"))):
@@ -159,13 +176,14 @@ def check_params(cls: type,  # the estimator class
     for k in params:
         if k not in names and not takes_kwargs:
             close = difflib.get_close_matches(k, names, n=1)
-            raise ValueError(f"{k}: {cls.__name__} has no parameter {k!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"{k}: {cls.__name__} has no parameter {k!r}{hint}")
     est = cls(**params)
     if type(est).__module__.split(".")[0] != "sklearn": return  # others may train on an empty fit: leave them to fit
     err = _param_error(est)
     if err is not None:
         bad = next((k for k in params if f"'{k}'" in str(err)), None)
-        raise ValueError(f"{bad + ': ' if bad else ''}{str(err).splitlines()[0]}") from None
+        raise ValueError(f"{bad + ': ' if bad else ''}{error_line(err, with_type=False)}") from None
 
 # %% ../nbs/01_estimators.ipynb #58b00c7a
 def build_estimator(type_: str,  # `model.type`

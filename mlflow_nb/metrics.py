@@ -19,7 +19,8 @@ __all__ = ['METRICS', 'MetricSpec', 'get_metric', 'compute_metrics', 'StreamingM
 
 # %% ../nbs/02_metrics.ipynb #55a10fcb
 def _labels_avg(y_true, y_pred, classes):
-    labels = np.unique(np.concatenate([np.asarray(classes if classes is not None else []), np.unique(y_true), np.unique(y_pred)]))
+    known = np.asarray(classes if classes is not None else [])
+    labels = np.unique(np.concatenate([known, np.unique(y_true), np.unique(y_pred)]))
     return ("binary", labels[-1]) if len(labels) == 2 else ("macro", None)
 
 def _prf(name):
@@ -34,7 +35,8 @@ def _prf(name):
 def _roc_auc(y_true, proba, classes):
     from sklearn.metrics import roc_auc_score
     proba = np.asarray(proba)
-    if proba.ndim == 2 and proba.shape[1] == 2: return float(roc_auc_score(np.asarray(y_true) == classes[1], proba[:, 1]))
+    if proba.ndim == 2 and proba.shape[1] == 2:
+        return float(roc_auc_score(np.asarray(y_true) == classes[1], proba[:, 1]))
     return float(roc_auc_score(y_true, proba, multi_class="ovr", labels=classes))
 
 def _log_loss(y_true, proba, classes):
@@ -66,37 +68,48 @@ class MetricSpec:
         "The `search_runs` order_by clause that puts the best run first."
         return f"metrics.`{self.name}` {'DESC' if self.greater_is_better else 'ASC'}"
 
-    def improvement(self, value: float, baseline: float) -> float:
+    def improvement(self, value: float,  # the candidate's value
+                    baseline: float,  # the value to compare with
+                   ) -> float:
         "value - baseline, signed so that positive means better."
         return (value - baseline) if self.greater_is_better else (baseline - value)
 
-    def is_better(self, value: float, baseline: float, min_delta: float = 0.0) -> bool:
-        "True when `value` beats `baseline` by at least `min_delta`."
-        return self.improvement(value, baseline) >= min_delta if min_delta > 0 else self.improvement(value, baseline) > 0
+    def is_better(self, value: float,  # the candidate's value
+                  baseline: float,  # the value to beat
+                  min_delta: float = 0.0,  # > 0: beat it by at least this much
+                 ) -> bool:
+        "True when `value` beats `baseline` (by at least `min_delta` when that is > 0)."
+        gain = self.improvement(value, baseline)
+        return gain >= min_delta if min_delta > 0 else gain > 0
 
+# %% ../nbs/02_metrics.ipynb #78d065bc
 def _accuracy(y_true, y_pred, classes=None): return float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
 
 METRICS: dict[str, MetricSpec] = {m.name: m for m in (
-    #          name         task              higher better  probabilities  function                                tolerance
-    MetricSpec("rmse",      "regression",     False,         False,         _sk("rmse"),                            0.25),
-    MetricSpec("mae",       "regression",     False,         False,         _sk("mean_absolute_error"),             0.25),
-    MetricSpec("r2",        "regression",     True,          False,         _sk("r2_score"),                        0.25),
-    MetricSpec("mape",      "regression",     False,         False,         _sk("mean_absolute_percentage_error"),  0.25),
-    MetricSpec("accuracy",  "classification", True,          False,         _accuracy,                              0.05),
-    MetricSpec("f1",        "classification", True,          False,         _prf("f1"),                             0.05),
-    MetricSpec("precision", "classification", True,          False,         _prf("precision"),                      0.05),
-    MetricSpec("recall",    "classification", True,          False,         _prf("recall"),                         0.05),
-    MetricSpec("roc_auc",   "classification", True,          True,          _roc_auc,                               0.05),
-    MetricSpec("log_loss",  "classification", False,         True,          _log_loss,                              0.25),
+    #          name         task              higher  proba  function                                tolerance
+    MetricSpec("rmse",      "regression",     False,  False, _sk("rmse"),                            0.25),
+    MetricSpec("mae",       "regression",     False,  False, _sk("mean_absolute_error"),             0.25),
+    MetricSpec("r2",        "regression",     True,   False, _sk("r2_score"),                        0.25),
+    MetricSpec("mape",      "regression",     False,  False, _sk("mean_absolute_percentage_error"),  0.25),
+    MetricSpec("accuracy",  "classification", True,   False, _accuracy,                              0.05),
+    MetricSpec("f1",        "classification", True,   False, _prf("f1"),                             0.05),
+    MetricSpec("precision", "classification", True,   False, _prf("precision"),                      0.05),
+    MetricSpec("recall",    "classification", True,   False, _prf("recall"),                         0.05),
+    MetricSpec("roc_auc",   "classification", True,   True,  _roc_auc,                               0.05),
+    MetricSpec("log_loss",  "classification", False,  True,  _log_loss,                              0.25),
 )}
 
-def get_metric(name: str) -> MetricSpec:
+# %% ../nbs/02_metrics.ipynb #fb61378c
+def get_metric(name: str,  # a metric of METRICS, e.g. "rmse"
+              ) -> MetricSpec:
     "The registered metric `name`; `MlflowNbError` listing the known ones otherwise."
     try: return METRICS[name]
     except KeyError: raise MlflowNbError(f"unknown metric {name!r}; known: {', '.join(METRICS)}") from None
 
 # %% ../nbs/02_metrics.ipynb #93e5ebec
-def compute_metrics(names: list[str], y_true, y_pred,
+def compute_metrics(names: list[str],  # metrics of METRICS
+                    y_true,  # actual values or labels
+                    y_pred,  # predicted values or labels
                     y_proba=None,  # class probabilities (n, k), needed by roc_auc and log_loss
                     classes=None,  # the class labels, in the columns' order of `y_proba`
                    ) -> dict[str, float]:
@@ -105,7 +118,8 @@ def compute_metrics(names: list[str], y_true, y_pred,
     for n in names:
         m = get_metric(n)
         if m.needs_proba:
-            if y_proba is None: raise MlflowNbError(f"metric {n!r} needs class probabilities: the model has no predict_proba")
+            if y_proba is None:
+                raise MlflowNbError(f"metric {n!r} needs class probabilities: the model has no predict_proba")
             out[n] = m.fn(y_true, y_proba, list(classes))
         else: out[n] = m.fn(y_true, y_pred, classes) if m.task == "classification" else m.fn(y_true, y_pred)
     return out
@@ -113,7 +127,9 @@ def compute_metrics(names: list[str], y_true, y_pred,
 # %% ../nbs/02_metrics.ipynb #3ce51590
 class StreamingMetrics:
     "Accumulate predictions batch by batch; `compute()` equals the metrics on all the data at once."
-    def __init__(self, names: list[str], classes=None):
+    def __init__(self, names: list[str],  # metrics of METRICS to accumulate
+                 classes=None,  # the class labels, in the order of `y_proba`'s columns (classification)
+                ):
         self.specs = [get_metric(n) for n in names]
         self.classes = None if classes is None else list(classes)
         self.n, self.sse, self.sae, self.sape = 0, [], [], []
@@ -121,7 +137,10 @@ class StreamingMetrics:
         self.correct, self.counts = 0, {}  # label -> [tp, fp, fn]
         self.logloss, self.auc_y, self.auc_p = [], [], []
 
-    def update(self, y_true, y_pred, y_proba=None) -> "StreamingMetrics":
+    def update(self, y_true,  # the batch's actual values or labels
+               y_pred,  # its predicted values or labels
+               y_proba=None,  # its class probabilities, needed by roc_auc and log_loss
+              ) -> "StreamingMetrics":
         "Add one batch."
         y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
         k = len(y_true)
@@ -144,7 +163,8 @@ class StreamingMetrics:
                 c[1] += int(np.sum((y_true != lab) & (y_pred == lab)))
                 c[2] += int(np.sum((y_true == lab) & (y_pred != lab)))
             if any(s.needs_proba for s in self.specs):
-                if y_proba is None: raise MlflowNbError("roc_auc and log_loss need class probabilities in update(..., y_proba=...)")
+                if y_proba is None:
+                    raise MlflowNbError("roc_auc and log_loss need class probabilities in update(..., y_proba=...)")
                 p = np.asarray(y_proba, dtype=float)
                 p = p / p.sum(axis=1, keepdims=True)
                 eps = np.finfo(p.dtype).eps
@@ -183,7 +203,8 @@ class StreamingMetrics:
         return out
 
 # %% ../nbs/02_metrics.ipynb #9919de78
-def evaluation_metrics(names: list[str]) -> list:
+def evaluation_metrics(names: list[str],  # metrics of METRICS
+                      ) -> list:
     "MLflow EvaluationMetrics for the label-based metrics of `names`."
     from mlflow.metrics import MetricValue, make_metric
     out = []

@@ -1,4 +1,4 @@
-"""Best-run selection, comparison with a baseline, gated promotion with aliases and one consistent history, rollback, the production schema, and loading a version safely
+"""Selecting, comparing and promoting model versions behind gates, with one history, rollback and safe loading
 
 Docs: https://mlflow-nb.github.io/mlflow_nb/registry.html.md"""
 
@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import mlflow
 import numpy as np
@@ -19,22 +19,88 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .core import (HISTORY_PREFIX, MlflowNbError, TAG_KIND, TAG_PREVIOUS_VERSION, TAG_PROMOTED_ALIAS,
-                            TAG_PROMOTED_AT, TAG_PROMOTED_BY, TAG_PROMOTION_REASON, error_line)
+from .core import (HISTORY_PREFIX, LOCK_PREFIX, MlflowNbError, TAG_KIND, TAG_PREVIOUS_VERSION,
+                            TAG_PROMOTED_ALIAS, TAG_PROMOTED_AT, TAG_PROMOTED_BY, TAG_PROMOTION_REASON)
 from .config import Promotion
 from .metrics import MetricSpec, get_metric
 from .train import untrusted_types
 
 # %% auto #0
-__all__ = ['LOCK_PREFIX', 'RegistryError', 'resolve_version', 'UntrustedModel', 'LoadedModel', 'check_trust', 'load_model',
-           'select_best_run', 'select_best_model', 'holder', 'baseline_value', 'compare_models', 'PromotionRefused',
-           'check_gates', 'alias_lock', 'PromotionResult', 'promote', 'promotion_history', 'rollback',
-           'prepare_for_production']
+__all__ = ['RegistryError', 'resolve_version', 'UntrustedModel', 'LoadedModel', 'check_trust', 'load_model', 'select_best_run',
+           'select_best_model', 'holder', 'baseline_value', 'compare_models', 'PromotionRefused', 'check_gates',
+           'alias_lock', 'PromotionResult', 'promote', 'promotion_history', 'rollback', 'prepare_for_production']
 
 # %% ../nbs/08_registry.ipynb #a465d04a
 class RegistryError(MlflowNbError):
     "A selection, promotion or rollback that cannot be done, with the reason."
 
+# %% ../nbs/08_registry.ipynb #e59f7524
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+def resolve_version(model_name: str,  # registered model
+                    alias_or_version: str | int,  # "champion", "@champion" or a version number
+                    client: MlflowClient | None = None,  # default: a client of the current store
+                   ):
+    "The ModelVersion that a version number or an alias (with or without '@') names."
+    client = client or MlflowClient()
+    ref = str(alias_or_version).lstrip("@")
+    try:
+        if ref.isdigit(): return client.get_model_version(model_name, ref)
+        return client.get_model_version_by_alias(model_name, ref)
+    except MlflowException as e:
+        if e.error_code not in _NOT_FOUND: raise  # the store itself failed
+        raise RegistryError(f"model {model_name!r} has no version or alias {alias_or_version!r}") from None
+
+# %% ../nbs/08_registry.ipynb #177bc14b
+class UntrustedModel(RegistryError):
+    "A logged model that would run code it was not checked for when loaded."
+
+# %% ../nbs/08_registry.ipynb #253c292c
+@dataclass
+class LoadedModel:
+    "A model loaded after the trust check."
+    uri: str  # where it was loaded from
+    model: object  # the scikit-learn model (skops), or the pyfunc model of an allowed flavor
+    meta: object  # its mlflow.models.Model (signature, flavors)
+
+    @property
+    def predict(self) -> Callable:
+        "The model's `predict`."
+        return self.model.predict
+
+# %% ../nbs/08_registry.ipynb #5456e0c1
+def _flavors(meta) -> str:
+    return ", ".join(f + (f" ({v['serialization_format']})" if isinstance(v, dict) and v.get("serialization_format")
+                          else "") for f, v in meta.flavors.items())
+
+def check_trust(meta,  # the model's MLmodel, as `mlflow.models.Model`
+                uri: str,  # where it is (named in the error)
+                allow_flavors: tuple[str, ...] = (),  # flavors to load even though loading them runs their code
+               ) -> str:
+    "'skops' or the allowed flavor that `meta` (an MLmodel) will be loaded with; `UntrustedModel` otherwise."
+    sk = meta.flavors.get("sklearn")
+    if sk and sk.get("serialization_format") == "skops":
+        bad = untrusted_types(sk.get("skops_trusted_types") or [])
+        if not bad: return "skops"
+        if "sklearn" not in allow_flavors:
+            raise UntrustedModel(f"{uri}: its skops trust list names types mlflow_nb does not trust: {', '.join(bad)}")
+    flavor = next((f for f in meta.flavors if f in allow_flavors), None)
+    if flavor is None:
+        raise UntrustedModel(f"{uri}: refusing to load a model whose flavors are {_flavors(meta)}: only scikit-learn "
+                             f"models saved with skops are loaded unless serve.allow_flavors names the flavor")
+    return flavor
+
+# %% ../nbs/08_registry.ipynb #58d9e7eb
+def load_model(uri: str,  # models:/name/version, runs:/id/model, ...
+               allow_flavors: tuple[str, ...] = (),  # flavors to load even though loading them runs their code
+              ) -> LoadedModel:
+    "The model at `uri`, loaded only if it passes the trust check."
+    meta = mlflow.models.Model.load(uri)
+    how = check_trust(meta, uri, tuple(allow_flavors))
+    model = mlflow.sklearn.load_model(uri) if how == "skops" else mlflow.pyfunc.load_model(uri)
+    return LoadedModel(uri, model, meta)
+
+# %% ../nbs/08_registry.ipynb #21c314c9
 def _experiment_id(client: MlflowClient, experiment: str) -> str:
     "Id of the experiment named or numbered `experiment`."
     exp = client.get_experiment_by_name(experiment)
@@ -51,103 +117,70 @@ def _metric_spec(metric: str, direction: str | None = None) -> MetricSpec:
     spec = get_metric(base)
     gib = spec.greater_is_better if not metric.endswith("_std") else False
     if direction is not None:
-        if direction not in ("higher", "lower"): raise RegistryError(f"direction must be 'higher' or 'lower', got {direction!r}")
+        if direction not in ("higher", "lower"):
+            raise RegistryError(f"direction must be 'higher' or 'lower', got {direction!r}")
         gib = direction == "higher"
     return dataclasses.replace(spec, name=metric, greater_is_better=gib)
 
-# %% ../nbs/08_registry.ipynb #e59f7524
-def resolve_version(model_name: str,  # registered model
-                    alias_or_version: str | int,  # "champion", "@champion" or a version number
-                    client: MlflowClient | None = None):
-    "The ModelVersion that a version number or an alias (with or without '@') names."
-    client = client or MlflowClient()
-    ref = str(alias_or_version).lstrip("@")
-    try: return client.get_model_version(model_name, ref) if ref.isdigit() else client.get_model_version_by_alias(model_name, ref)
-    except MlflowException as e:
-        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"): raise  # the store itself failed
-        raise RegistryError(f"model {model_name!r} has no version or alias {alias_or_version!r}") from None
+def _finished(kind: str | None) -> list[str]:
+    return ["attributes.status = 'FINISHED'"] + ([f"tags.`{TAG_KIND}` = '{kind}'"] if kind else [])
 
-class UntrustedModel(RegistryError):
-    "A logged model that would run code it was not checked for when loaded."
-
-@dataclass
-class LoadedModel:
-    "A model loaded after the trust check."
-    uri: str
-    model: object  # the scikit-learn model (skops), or the pyfunc model of an allowed flavor
-    meta: object  # its mlflow.models.Model (signature, flavors)
-
-    @property
-    def predict(self) -> Callable: return self.model.predict
-
-def check_trust(meta, uri: str, allow_flavors: tuple[str, ...] = ()) -> str:
-    "'skops' or the allowed flavor that `meta` (an MLmodel) will be loaded with; `UntrustedModel` otherwise."
-    sk = meta.flavors.get("sklearn")
-    if sk and sk.get("serialization_format") == "skops":
-        bad = untrusted_types(sk.get("skops_trusted_types") or [])
-        if not bad: return "skops"
-        if "sklearn" not in allow_flavors:
-            raise UntrustedModel(f"{uri}: its skops trust list names types mlflow_nb does not trust: {', '.join(bad)}")
-    flavor = next((f for f in meta.flavors if f in allow_flavors), None)
-    if flavor is None:
-        found = ", ".join(f"{f}" + (f" ({v.get('serialization_format')})" if isinstance(v, dict) and v.get("serialization_format") else "")
-                          for f, v in meta.flavors.items())
-        raise UntrustedModel(f"{uri}: refusing to load a model whose flavors are {found}: only scikit-learn models saved "
-                             f"with skops are loaded unless serve.allow_flavors names the flavor")
-    return flavor
-
-def load_model(uri: str,  # models:/name/version, runs:/id/model, ...
-               allow_flavors: tuple[str, ...] = (),  # flavors to load even though loading them runs their code
-              ) -> LoadedModel:
-    "The model at `uri`, loaded only if it passes the trust check."
-    meta = mlflow.models.Model.load(uri)
-    how = check_trust(meta, uri, tuple(allow_flavors))
-    model = mlflow.sklearn.load_model(uri) if how == "skops" else mlflow.pyfunc.load_model(uri)
-    return LoadedModel(uri, model, meta)
-
-# %% ../nbs/08_registry.ipynb #2ae5d298
 def select_best_run(experiment: str,  # experiment name or id
                     metric: str,  # e.g. "rmse" or "cv_r2_mean"
                     direction: str | None = None,  # "lower"/"higher"; default from the metric registry
                     filter: str | None = None,  # extra MLflow filter, e.g. "params.model.type = 'Ridge'"
                     kind: str | None = "train",  # only runs tagged mlflow_nb.kind = kind (None: any)
-                    client: MlflowClient | None = None):
+                    client: MlflowClient | None = None,  # default: a client of the current store
+                   ):
     "The finished run with the best value of `metric` (one query, one run fetched)."
     client = client or MlflowClient()
     spec = _metric_spec(metric, direction)
-    clauses = ["attributes.status = 'FINISHED'"] + ([f"tags.`{TAG_KIND}` = '{kind}'"] if kind else []) + ([filter] if filter else [])
-    try: runs = client.search_runs([_experiment_id(client, experiment)], " and ".join(clauses), order_by=[spec.order_by], max_results=1)
+    query = " and ".join(_finished(kind) + ([filter] if filter else []))
+    try: runs = client.search_runs([_experiment_id(client, experiment)], query, order_by=[spec.order_by], max_results=1)
     except MlflowException as e: raise RegistryError(f"cannot search runs: {e.message}") from None
-    if not runs: raise RegistryError(f"no finished runs in experiment {experiment!r}" + (f" matching {filter!r}" if filter else ""))
+    if not runs:
+        matching = f" matching {filter!r}" if filter else ""
+        raise RegistryError(f"no finished runs in experiment {experiment!r}{matching}")
     v = runs[0].data.metrics.get(metric)
-    if v is None or math.isnan(v): raise RegistryError(f"no finished run in experiment {experiment!r} has the metric {metric!r}")
+    if v is None or math.isnan(v):
+        raise RegistryError(f"no finished run in experiment {experiment!r} has the metric {metric!r}")
     return runs[0]
 
+# %% ../nbs/08_registry.ipynb #dd7f99f8
 def select_best_model(experiment: str,  # experiment name or id
                       metric: str,  # e.g. "rmse" or "cv_r2_mean"
                       direction: str | None = None,  # "lower"/"higher"; default from the metric registry
                       filter: str | None = None,  # extra MLflow filter
                       kind: str | None = "train",  # only runs tagged mlflow_nb.kind = kind (None: any)
-                      client: MlflowClient | None = None):
+                      client: MlflowClient | None = None,  # default: a client of the current store
+                     ):
     "(model, run): the best finished run by `metric` and its model, loaded after the trust check."
     run = select_best_run(experiment, metric, direction, filter, kind, client)
     return load_model(f"runs:/{run.info.run_id}/model").model, run
 
 # %% ../nbs/08_registry.ipynb #89402553
-def holder(model_name: str, alias: str, client: MlflowClient | None = None):
+def holder(model_name: str,  # registered model
+           alias: str,  # e.g. "champion"
+           client: MlflowClient | None = None,  # default: a client of the current store
+          ):
     "The model version holding `alias`, or None."
     client = client or MlflowClient()
     try: return client.get_model_version_by_alias(model_name, alias)
     except MlflowException as e:
-        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"): return None
+        if e.error_code in _NOT_FOUND: return None
         raise
 
-def baseline_value(baseline: float | str, metric: str, model_name: str | None = None,
-                   client: MlflowClient | None = None) -> tuple[float, str]:
+# %% ../nbs/08_registry.ipynb #ba15b5fd
+def baseline_value(baseline: float | str,  # a number, a run id, or "@alias" of `model_name`
+                   metric: str,  # the metric to read from the baseline's run
+                   model_name: str | None = None,  # needed when baseline is "@alias"
+                   client: MlflowClient | None = None,  # default: a client of the current store
+                  ) -> tuple[float, str]:
     "(value, description) of `baseline`: a number, a run id, or '@alias' of `model_name`."
     client = client or MlflowClient()
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool): return float(baseline), f"{baseline}"
-    if not isinstance(baseline, str): raise RegistryError(f"baseline must be a number, a run id or '@alias', got {baseline!r}")
+    if not isinstance(baseline, str):
+        raise RegistryError(f"baseline must be a number, a run id or '@alias', got {baseline!r}")
     if baseline.startswith("@"):
         if not model_name: raise RegistryError(f"baseline {baseline!r} needs model_name")
         mv = holder(model_name, baseline[1:], client)
@@ -159,93 +192,108 @@ def baseline_value(baseline: float | str, metric: str, model_name: str | None = 
     if v is None: raise RegistryError(f"baseline {what} has no metric {metric!r}")
     return float(v), what
 
-def compare_models(experiment: str, baseline: float | str, metric: str,
+# %% ../nbs/08_registry.ipynb #04bac038
+_COMPARISON = ["run_id", "run_name", "metric", "value", "baseline", "improvement", "relative_improvement"]
+
+def _comparison_row(r, metric: str, spec: MetricSpec, base: float) -> dict | None:
+    v = r.data.metrics.get(metric)
+    if v is None or math.isnan(v): return None
+    imp = spec.improvement(v, base)
+    return {"run_id": r.info.run_id, "run_name": r.info.run_name, "metric": metric, "value": v, "baseline": base,
+            "improvement": imp, "relative_improvement": imp / abs(base) if base else math.nan}
+
+def compare_models(experiment: str,  # experiment name or id
+                   baseline: float | str,  # a number, a run id, or "@alias" of `model_name`
+                   metric: str,  # e.g. "rmse"
                    model_name: str | None = None,  # needed when baseline is '@alias'
-                   direction: str | None = None, kind: str | None = "train",
-                   client: MlflowClient | None = None) -> pd.DataFrame:
+                   direction: str | None = None,  # "lower"/"higher"; default from the metric registry
+                   kind: str | None = "train",  # only runs tagged mlflow_nb.kind = kind (None: any)
+                   client: MlflowClient | None = None,  # default: a client of the current store
+                  ) -> pd.DataFrame:
     "Finished runs against `baseline`, best first: value, improvement (positive = better), relative improvement."
     client = client or MlflowClient()
     spec = _metric_spec(metric, direction)
     base, _ = baseline_value(baseline, metric, model_name, client)
-    clauses = ["attributes.status = 'FINISHED'"] + ([f"tags.`{TAG_KIND}` = '{kind}'"] if kind else [])
-    rows, token = [], None
+    exp, query, rows, token = _experiment_id(client, experiment), " and ".join(_finished(kind)), [], None
     while True:
-        page = client.search_runs([_experiment_id(client, experiment)], " and ".join(clauses), order_by=[spec.order_by],
-                                  max_results=1000, page_token=token)
-        for r in page:
-            v = r.data.metrics.get(metric)
-            if v is None or math.isnan(v): continue
-            imp = spec.improvement(v, base)
-            rows.append({"run_id": r.info.run_id, "run_name": r.info.run_name, "metric": metric, "value": v,
-                         "baseline": base, "improvement": imp, "relative_improvement": imp / abs(base) if base else math.nan})
+        page = client.search_runs([exp], query, order_by=[spec.order_by], max_results=1000, page_token=token)
+        rows += [row for r in page if (row := _comparison_row(r, metric, spec, base)) is not None]
         token = page.token
         if not token: break
-    return pd.DataFrame(rows, columns=["run_id", "run_name", "metric", "value", "baseline", "improvement", "relative_improvement"])
+    return pd.DataFrame(rows, columns=_COMPARISON)
 
 # %% ../nbs/08_registry.ipynb #d835ea3b
 class PromotionRefused(RegistryError):
     "A gate failed: the message names it with both values; no alias was changed."
 
-def holder(model_name: str,  # registered model
-           alias: str,  # e.g. "champion"
-           client: MlflowClient | None = None):
-    "The model version holding `alias`, or None."
-    client = client or MlflowClient()
-    try: return client.get_model_version_by_alias(model_name, alias)
-    except MlflowException as e:
-        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"): return None
-        raise
+# %% ../nbs/08_registry.ipynb #fad609c2
+def _bounds(b) -> str:
+    return f"{'[' + str(b.min) if b.min is not None else '(-inf'}, {str(b.max) + ']' if b.max is not None else 'inf)'}"
 
 def _threshold_gates(version: str, metrics: dict, promotion: Promotion) -> list[str]:
     passed = []
     for m, b in promotion.thresholds.items():
         v = metrics.get(m)
         if v is None or math.isnan(v): raise PromotionRefused(f"gate {m}: version {version} has no value for {m}")
-        if b.max is not None and not v <= b.max: raise PromotionRefused(f"gate {m} <= {b.max}: version {version} has {m} = {v:.6g}")
-        if b.min is not None and not v >= b.min: raise PromotionRefused(f"gate {m} >= {b.min}: version {version} has {m} = {v:.6g}")
-        passed.append(f"{m} = {v:.6g} within {'[' + str(b.min) if b.min is not None else '(-inf'}, {str(b.max) + ']' if b.max is not None else 'inf)'}")
+        if b.max is not None and not v <= b.max:
+            raise PromotionRefused(f"gate {m} <= {b.max}: version {version} has {m} = {v:.6g}")
+        if b.min is not None and not v >= b.min:
+            raise PromotionRefused(f"gate {m} >= {b.min}: version {version} has {m} = {v:.6g}")
+        passed.append(f"{m} = {v:.6g} within {_bounds(b)}")
     return passed
 
-def _champion_gate(version: str, metrics: dict, current, promotion: Promotion, primary_metric: str, client) -> list[str]:
+def _champion_gate(version: str, metrics: dict, current, promotion: Promotion, primary_metric: str,
+                   client) -> list[str]:
     if current is None or str(current.version) == str(version): return []
     spec = _metric_spec(primary_metric)
     champ = client.get_run(current.run_id).data.metrics.get(primary_metric)
     v = metrics.get(primary_metric)
     if v is None: raise PromotionRefused(f"gate beat-champion: version {version} has no {primary_metric}")
     if champ is not None and not spec.is_better(v, champ, promotion.min_delta):
-        raise PromotionRefused(f"gate beat-champion: {primary_metric} must beat version {current.version} ({champ:.6g}) by at "
-                               f"least {promotion.min_delta} ({spec.direction} is better), version {version} has {v:.6g}")
+        raise PromotionRefused(f"gate beat-champion: {primary_metric} must beat version {current.version} "
+                               f"({champ:.6g}) by at least {promotion.min_delta} ({spec.direction} is better), "
+                               f"version {version} has {v:.6g}")
     return [f"{primary_metric} {v:.6g} beats version {current.version} ({champ if champ is None else round(champ, 6)})"]
 
 def check_gates(model_name: str,  # registered model
                 version: str,  # the candidate version
                 promotion: Promotion,  # alias, thresholds and min_delta
                 primary_metric: str,  # the metric the beat-the-champion gate compares
-                client: MlflowClient | None = None) -> list[str]:
+                client: MlflowClient | None = None,  # default: a client of the current store
+               ) -> list[str]:
     "Descriptions of the gates `version` passes; `PromotionRefused` at the first that fails."
     client = client or MlflowClient()
     try: mv = client.get_model_version(model_name, str(version))
     except MlflowException: raise RegistryError(f"model {model_name!r} has no version {version}") from None
     run = client.get_run(mv.run_id)
     if run.info.status != "FINISHED":
-        raise PromotionRefused(f"version {version} comes from run {mv.run_id} whose status is {run.info.status}: refused")
-    metrics = run.data.metrics
+        raise PromotionRefused(f"version {version} comes from run {mv.run_id} whose status is {run.info.status}: "
+                               "refused")
+    metrics, current = run.data.metrics, holder(model_name, promotion.alias, client)
     return [f"run {mv.run_id} FINISHED", *_threshold_gates(version, metrics, promotion),
-            *_champion_gate(version, metrics, holder(model_name, promotion.alias, client), promotion, primary_metric, client)]
+            *_champion_gate(version, metrics, current, promotion, primary_metric, client)]
 
 # %% ../nbs/08_registry.ipynb #542a0ef4
-LOCK_PREFIX = "mlflow_nb.lock."
-
 def _lock_expired(client: MlflowClient, name: str) -> bool:
     try: tags = client.get_registered_model(name).tags
     except MlflowException: return True  # released meanwhile
     try: return float(tags.get("expires", "0")) < time.time()
     except ValueError: return True
 
+def _try_lock(client: MlflowClient, name: str, owner: str, lease: float, what: str) -> bool:
+    "Create the lock model `name`; False when another holder has it."
+    try:
+        client.create_registered_model(name, tags={"owner": owner, "expires": f"{time.time() + lease:.3f}"},
+                                       description=f"mlflow_nb: a promotion of {what} is in progress")
+        return True
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS": raise
+        return False
+
 @contextmanager
 def alias_lock(model_name: str,  # registered model
                alias: str,  # the alias being moved
-               client: MlflowClient | None = None,
+               client: MlflowClient | None = None,  # default: a client of the current store
                wait: float = 120.0,  # seconds to wait for another holder before giving up
                lease: float = 60.0,  # seconds after which a holder that died loses the lock
               ):
@@ -253,18 +301,13 @@ def alias_lock(model_name: str,  # registered model
     client = client or MlflowClient()
     name, owner = f"{LOCK_PREFIX}{model_name}.{alias}", uuid.uuid4().hex
     deadline = time.monotonic() + wait
-    while True:
-        try:
-            client.create_registered_model(name, tags={"owner": owner, "expires": f"{time.time() + lease:.3f}"},
-                                           description=f"mlflow_nb: a promotion of {model_name}@{alias} is in progress")
-            break
-        except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS": raise
+    while not _try_lock(client, name, owner, lease, f"{model_name}@{alias}"):
         if _lock_expired(client, name):
             try: client.delete_registered_model(name)
             except MlflowException: pass
         elif time.monotonic() > deadline:
-            raise RegistryError(f"another promotion of {model_name}@{alias} has held the lock for over {wait:.0f} s; try again")
+            raise RegistryError(f"another promotion of {model_name}@{alias} has held the lock for over {wait:.0f} s; "
+                                "try again")
         time.sleep(0.05 + random.random() * 0.1)
     try: yield
     finally:
@@ -276,14 +319,15 @@ def alias_lock(model_name: str,  # registered model
 @dataclass
 class PromotionResult:
     "What a promotion did."
-    model_name: str
-    alias: str
-    version: str
-    previous_version: str | None
-    gates: list[str]
-    promoted_by: str
-    promoted_at: str
+    model_name: str  # registered model
+    alias: str  # the alias moved
+    version: str  # the version that holds it now
+    previous_version: str | None  # the version that held it before (None: nobody)
+    gates: list[str]  # the gates passed, described
+    promoted_by: str  # who promoted
+    promoted_at: str  # when (UTC, ISO 8601)
 
+# %% ../nbs/08_registry.ipynb #5a2552ce
 def _who() -> str:
     return os.environ.get("MLFLOW_NB_USER") or os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
 
@@ -301,6 +345,11 @@ def _move_alias(client, model_name: str, alias: str, version: str, event: dict) 
         raise RegistryError(f"{model_name}@{alias} was moved by someone else during this {event['action']} "
                             f"(it now names version {None if now is None else now.version}); check `mlflow-nb history`")
 
+def _tag_version(client, model_name: str, version: str, alias: str, at: str, by: str, reason: str, prev: str | None):
+    tags = {TAG_PROMOTED_AT: at, TAG_PROMOTED_BY: by, TAG_PROMOTION_REASON: reason, TAG_PREVIOUS_VERSION: prev or "",
+            TAG_PROMOTED_ALIAS: alias}
+    for k, v in tags.items(): client.set_model_version_tag(model_name, version, k, v)
+
 def promote(model_name: str,  # registered model
             version: str | int,  # the candidate version
             promotion: Promotion | None = None,  # gates and alias (default: no thresholds, alias champion)
@@ -311,23 +360,22 @@ def promote(model_name: str,  # registered model
     "Move the alias to `version` if every gate passes; record who, when, why and the previous holder."
     promotion = promotion or Promotion()
     client = MlflowClient(tracking_uri, tracking_uri) if tracking_uri else MlflowClient()
-    version, alias = str(version), promotion.alias
+    version, alias, reason = str(version), promotion.alias, reason or "gates passed"
     with alias_lock(model_name, alias, client):
         gates = check_gates(model_name, version, promotion, primary_metric, client)
         prev = holder(model_name, alias, client)
         prev_v = None if prev is None else str(prev.version)
         at, by = datetime.now(timezone.utc).isoformat(timespec="seconds"), _who()
-        for k, v in {TAG_PROMOTED_AT: at, TAG_PROMOTED_BY: by, TAG_PROMOTION_REASON: reason or "gates passed",
-                     TAG_PREVIOUS_VERSION: prev_v or "", TAG_PROMOTED_ALIAS: alias}.items():
-            client.set_model_version_tag(model_name, version, k, v)
+        _tag_version(client, model_name, version, alias, at, by, reason, prev_v)
         _move_alias(client, model_name, alias, version, {"action": "promote", "version": version, "previous": prev_v,
-                                                         "at": at, "by": by, "reason": reason or "gates passed"})
+                                                         "at": at, "by": by, "reason": reason})
     return PromotionResult(model_name, alias, version, prev_v, gates, by, at)
 
-# %% ../nbs/08_registry.ipynb #5a2552ce
+# %% ../nbs/08_registry.ipynb #107fdedb
 def promotion_history(model_name: str,  # registered model
-                      alias: str = "champion",
-                      client: MlflowClient | None = None) -> pd.DataFrame:
+                      alias: str = "champion",  # the alias whose history to read
+                      client: MlflowClient | None = None,  # default: a client of the current store
+                     ) -> pd.DataFrame:
     "Every promotion and rollback of `alias`, oldest first."
     client = client or MlflowClient()
     tags = client.get_registered_model(model_name).tags
@@ -335,22 +383,28 @@ def promotion_history(model_name: str,  # registered model
     df = pd.DataFrame(rows, columns=["action", "version", "previous", "at", "by", "reason"]).astype(object)
     return df.where(df.notna(), None)  # no previous holder is None, not NaN
 
+# %% ../nbs/08_registry.ipynb #304c354e
 def rollback(model_name: str,  # registered model
-             alias: str = "champion",
+             alias: str = "champion",  # the alias to give back
              reason: str = "",  # why: recorded in the history
-             tracking_uri: str | None = None) -> str:
+             tracking_uri: str | None = None,  # default: MLflow's current tracking URI
+            ) -> str:
     "Give `alias` back to the version that held it before the current holder's promotion; returns that version."
     client = MlflowClient(tracking_uri, tracking_uri) if tracking_uri else MlflowClient()
     with alias_lock(model_name, alias, client):
         cur = holder(model_name, alias, client)
-        if cur is None: raise RegistryError(f"model {model_name!r} has no version with alias {alias!r}: nothing to roll back")
+        if cur is None:
+            raise RegistryError(f"model {model_name!r} has no version with alias {alias!r}: nothing to roll back")
         hist = promotion_history(model_name, alias, client)
         promos = hist[(hist.action == "promote") & (hist.version == str(cur.version))]
         prev = None if promos.empty else promos.iloc[-1].previous
-        if not prev: raise RegistryError(f"{model_name}@{alias} (version {cur.version}) has no recorded previous holder to roll back to")
+        if not prev:
+            raise RegistryError(f"{model_name}@{alias} (version {cur.version}) has no recorded previous holder "
+                                "to roll back to")
         at, by = datetime.now(timezone.utc).isoformat(timespec="seconds"), _who()
-        _move_alias(client, model_name, alias, prev, {"action": "rollback", "version": prev, "previous": str(cur.version),
-                                                      "at": at, "by": by, "reason": reason or "rollback"})
+        event = {"action": "rollback", "version": prev, "previous": str(cur.version), "at": at, "by": by,
+                 "reason": reason or "rollback"}
+        _move_alias(client, model_name, alias, prev, event)
     return prev
 
 # %% ../nbs/08_registry.ipynb #2ab3f93a
@@ -359,8 +413,16 @@ def _jsonable(v):
     if isinstance(v, (np.generic,)): return _jsonable(v.item())
     return v
 
+def _example_request(uri: str, meta) -> dict | None:
+    "The logged input example as a `dataframe_split` request body (None without one)."
+    with tempfile.TemporaryDirectory() as d:
+        ex = meta.load_input_example(mlflow.artifacts.download_artifacts(uri, dst_path=d))
+    if not isinstance(ex, pd.DataFrame): return None
+    rows = [[_jsonable(v) for v in row] for row in ex.itertuples(index=False)]
+    return {"dataframe_split": {"columns": list(ex.columns), "data": rows}}
+
 def prepare_for_production(model_name: str,  # registered model
-                           alias_or_version: str | int = "champion",
+                           alias_or_version: str | int = "champion",  # which version
                            path: str | Path = "model_schema.json",  # where to write the document
                           ) -> dict:
     "Write and log `model_schema.json`: input/output schema and an example request for the version."
@@ -370,15 +432,9 @@ def prepare_for_production(model_name: str,  # registered model
     meta = mlflow.models.Model.load(uri)
     sig = meta.signature
     if sig is None: raise RegistryError(f"{uri} was logged without a signature: log it with one to serve it")
-    example = None
-    with tempfile.TemporaryDirectory() as d:
-        local = mlflow.artifacts.download_artifacts(uri, dst_path=d)
-        ex = meta.load_input_example(local)
-    if isinstance(ex, pd.DataFrame):
-        example = {"dataframe_split": {"columns": list(ex.columns), "data": [[_jsonable(v) for v in row] for row in ex.itertuples(index=False)]}}
     doc = {"model_name": model_name, "version": str(mv.version), "run_id": mv.run_id, "model_uri": uri,
            "input_schema": sig.inputs.to_dict(), "output_schema": sig.outputs.to_dict() if sig.outputs else None,
-           "example_request": example}
+           "example_request": _example_request(uri, meta)}
     path = Path(path)
     path.write_text(json.dumps(doc, indent=2))
     client.log_artifact(mv.run_id, str(path), "production")

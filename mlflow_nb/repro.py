@@ -6,7 +6,7 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/repro.html.md"""
 
 # %% ../nbs/05_repro.ipynb #515e2013
 from __future__ import annotations
-import importlib.metadata as md, json, os, platform, random, re, subprocess, sys
+import importlib.metadata as md, os, platform, random, re, subprocess, sys
 from pathlib import Path
 
 import mlflow
@@ -41,9 +41,10 @@ def set_seed(seed: int = 42,  # the seed for every generator
     return seeded
 
 # %% ../nbs/05_repro.ipynb #dbeef57c
-PACKAGES = ("mlflow", "scikit-learn", "numpy", "pandas", "torch", "papermill")
+PACKAGES = ("mlflow", "scikit-learn", "numpy", "pandas", "torch", "papermill")  # versions logged as env.<name>
 
-def package_versions(names=PACKAGES) -> dict[str, str]:
+def package_versions(names=PACKAGES,  # distribution names
+                    ) -> dict[str, str]:
     "Installed version of each distribution in `names` ('not installed' when missing)."
     out = {}
     for n in names:
@@ -51,6 +52,7 @@ def package_versions(names=PACKAGES) -> dict[str, str]:
         except md.PackageNotFoundError: out[n] = "not installed"
     return out
 
+# %% ../nbs/05_repro.ipynb #1212b0fe
 def requirements_text() -> str:
     "Installed distributions as sorted `name==version` lines."
     seen = {}
@@ -59,13 +61,15 @@ def requirements_text() -> str:
         if name: seen.setdefault(name.lower(), f"{name}=={d.version}")
     return "\n".join(seen[k] for k in sorted(seen)) + "\n"
 
+# %% ../nbs/05_repro.ipynb #c1abe926
 def _git(*args, cwd=None) -> str | None:
     try:
         r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20)
         return r.stdout if r.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired): return None
 
-def git_state(path: str | Path = ".") -> dict | None:
+def git_state(path: str | Path = ".",  # a path inside the work tree
+             ) -> dict | None:
     "commit, branch, dirty flag and diff of the git work tree holding `path`; None outside git."
     commit = _git("rev-parse", "HEAD", cwd=path)
     if commit is None: return None
@@ -74,28 +78,31 @@ def git_state(path: str | Path = ".") -> dict | None:
     return {"commit": commit.strip(), "branch": (_git("rev-parse", "--abbrev-ref", "HEAD", cwd=path) or "").strip(),
             "dirty": dirty, "diff": _git("diff", "HEAD", cwd=path) if dirty else ""}
 
-# %% ../nbs/05_repro.ipynb #c4f0a09e
+# %% ../nbs/05_repro.ipynb #c030441d
 def torch_build() -> str:
-    "'cuda', 'cpu' or 'not installed': which torch build is installed, read from package metadata (torch is not imported)."
+    "'cuda', 'cpu' or 'not installed': which torch build is installed (read from package metadata, not imported)."
     try: v = md.version("torch")
     except md.PackageNotFoundError: return "not installed"
     if "+cpu" in v: return "cpu"
     cuda = any((d.metadata["Name"] or "").lower().startswith("nvidia-cuda-runtime") for d in md.distributions())
     return "cuda" if cuda or "+cu" in v else "cpu"
 
+# %% ../nbs/05_repro.ipynb #b12b0f17
 def cuda_available() -> bool | None:
-    "Whether torch sees a CUDA device; None when torch is not imported in this process (importing it costs ~1.5 s)."
+    "Whether torch sees a CUDA device; None when torch is not imported in this process (importing costs ~1.5 s)."
     if "torch" not in sys.modules: return None
     return bool(sys.modules["torch"].cuda.is_available())
 
+# %% ../nbs/05_repro.ipynb #cda5f8d7
 _SECRET_URL_KEY = re.compile(r"^(?P<lead>[+\- ]?\s*webhook_url\s*:\s*)(?P<q>[\"']?)(?P<url>[^\"'\s#]+)", re.M)
 
 def redact_config(text: str,  # a config file (or a diff of one)
                  ) -> str:
     "`text` with URL passwords, credential query values and webhook URLs (token URLs as a whole) redacted."
-    text = _SECRET_URL_KEY.sub(lambda m: f"{m['lead']}{m['q']}{redact_url(m['url']) if m['url'] != 'null' else 'null'}", text)
-    return redact(text)
+    def url(m): return f"{m['lead']}{m['q']}{redact_url(m['url']) if m['url'] != 'null' else 'null'}"
+    return redact(_SECRET_URL_KEY.sub(url, text))
 
+# %% ../nbs/05_repro.ipynb #d3a287e5
 def log_environment(config_files: list[str | Path] = (),  # config files to keep with the run
                     repo: str | Path = ".",  # a path inside the git work tree to describe
                    ) -> dict:
@@ -108,7 +115,9 @@ def log_environment(config_files: list[str | Path] = (),  # config files to keep
     mlflow.log_text(requirements_text(), "environment/requirements.txt")
     git = git_state(repo)
     if git:
-        mlflow.set_tags({GIT_COMMIT: git["commit"], TAG_GIT_BRANCH: git["branch"], TAG_GIT_DIRTY: str(git["dirty"]).lower()})
+        mlflow.set_tags({GIT_COMMIT: git["commit"], TAG_GIT_BRANCH: git["branch"],
+                         TAG_GIT_DIRTY: str(git["dirty"]).lower()})
         if git["dirty"]: mlflow.log_text(redact_config(git["diff"]), "environment/git_diff.patch")
-    for f in config_files: mlflow.log_text(redact_config(Path(f).read_text(encoding="utf-8")), f"configs/{Path(f).name}")
+    for f in config_files:
+        mlflow.log_text(redact_config(Path(f).read_text(encoding="utf-8")), f"configs/{Path(f).name}")
     return params

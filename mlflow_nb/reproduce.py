@@ -32,7 +32,16 @@ def _data_source(source: str, run_id: str, data: str | None) -> str:
     if source.startswith("sklearn:"): return source
     path = Path(source).resolve()
     if path.is_relative_to(Path.cwd().resolve()): return str(path)
-    raise MlflowNbError(f"run {run_id} trained on {source}, outside this project folder: name the data to read with --data")
+    raise MlflowNbError(f"run {run_id} trained on {source}, outside this project folder: "
+                        "name the data to read with --data")
+
+def _download_config(client: MlflowClient, run_id: str) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        try: path = client.download_artifacts(run_id, "configs/effective_config.json", d)
+        except Exception:
+            raise MlflowNbError(f"run {run_id} has no configs/effective_config.json: it cannot be reproduced") from None
+        try: return json.loads(Path(path).read_text())
+        except ValueError: raise MlflowNbError(f"run {run_id}: configs/effective_config.json is not JSON") from None
 
 def stored_config(client: MlflowClient,  # a client of the store holding the run
                   run_id: str,  # the run whose config to read
@@ -40,13 +49,9 @@ def stored_config(client: MlflowClient,  # a client of the store holding the run
                   data: str | None = None,  # the data file to train on instead of the stored source
                  ) -> Config:
     "The effective config a run logged, checked as untrusted input, pointed at `tracking_uri`."
-    with tempfile.TemporaryDirectory() as d:
-        try: path = client.download_artifacts(run_id, "configs/effective_config.json", d)
-        except Exception: raise MlflowNbError(f"run {run_id} has no configs/effective_config.json: it cannot be reproduced") from None
-        try: raw = json.loads(Path(path).read_text())
-        except ValueError: raise MlflowNbError(f"run {run_id}: configs/effective_config.json is not JSON") from None
+    raw = _download_config(client, run_id)
     label = f"run {run_id}: configs/effective_config.json"
-    cfg = config_from_dict(raw, Path.cwd(), label, import_modules=False)  # checks model.type before anything is imported
+    cfg = config_from_dict(raw, Path.cwd(), label, import_modules=False)  # checks model.type before any import
     raw["mlflow"]["tracking_server"]["uri"] = tracking_uri
     raw["model"]["data"]["source"] = _data_source(cfg.model.data.source, run_id, data)
     return config_from_dict(raw, Path.cwd(), label, import_modules=False)
@@ -55,23 +60,18 @@ def stored_config(client: MlflowClient,  # a client of the store holding the run
 @dataclass
 class Reproduction:
     "A reproduction and how its metrics compare with the original's."
-    original_run_id: str
-    new_run_id: str
+    original_run_id: str  # the run reproduced
+    new_run_id: str  # the reproduction
     comparison: pd.DataFrame  # step, metric, original, reproduced, identical
-    warnings: list[str]
+    warnings: list[str]  # what differs besides the metrics (git commit, training data)
 
     @property
-    def identical(self) -> bool: return bool(len(self.comparison)) and bool(self.comparison.identical.all())
+    def identical(self) -> bool:
+        "Whether every metric was reproduced exactly."
+        return bool(len(self.comparison)) and bool(self.comparison.identical.all())
 
-def _train_digest(client, run_id) -> str | None:
-    inputs = client.get_run(run_id).inputs
-    return next((d.dataset.digest for d in (inputs.dataset_inputs if inputs else []) if d.dataset.name == "training"), None)
-
-def _children(client, parent_id) -> dict[str, str]:
-    runs = client.search_runs([client.get_run(parent_id).info.experiment_id], f"tags.`{PARENT_RUN}` = '{parent_id}'")
-    return {r.data.tags.get(TAG_STEP, r.info.run_name): r.info.run_id for r in runs}
-
-def compare_metrics(client: MlflowClient,
+# %% ../nbs/18_reproduce.ipynb #a4d5722f
+def compare_metrics(client: MlflowClient,  # a client of the store holding both runs
                     pairs: list[tuple[str, str, str]],  # (step, original run, reproduced run)
                    ) -> pd.DataFrame:
     "One row per metric of each original run: its value then and now, and whether they are identical."
@@ -81,6 +81,16 @@ def compare_metrics(client: MlflowClient,
         rows += [{"step": s, "metric": m, "original": ma[m], "reproduced": mb.get(m), "identical": ma[m] == mb.get(m)}
                  for m in sorted(ma) if not m.startswith("step_seconds")]
     return pd.DataFrame(rows, columns=["step", "metric", "original", "reproduced", "identical"])
+
+# %% ../nbs/18_reproduce.ipynb #65611f8a
+def _train_digest(client, run_id) -> str | None:
+    inputs = client.get_run(run_id).inputs
+    found = [d.dataset.digest for d in (inputs.dataset_inputs if inputs else []) if d.dataset.name == "training"]
+    return found[0] if found else None
+
+def _children(client, parent_id) -> dict[str, str]:
+    runs = client.search_runs([client.get_run(parent_id).info.experiment_id], f"tags.`{PARENT_RUN}` = '{parent_id}'")
+    return {r.data.tags.get(TAG_STEP, r.info.run_name): r.info.run_id for r in runs}
 
 def _warnings(client, orig, train_orig: str | None, train_new: str | None) -> list[str]:
     out = []
@@ -92,7 +102,6 @@ def _warnings(client, orig, train_orig: str | None, train_new: str | None) -> li
         if d1 and d2 and d1 != d2: out.append(f"training data digest differs: original {d1}, now {d2}")
     return out
 
-# %% ../nbs/18_reproduce.ipynb #a4d5722f
 def _reproduce_pipeline(client, orig, cfg: Config, notebooks, tags: dict) -> tuple[str, list, str | None, str | None]:
     run_id = orig.info.run_id
     steps = [s for s in orig.data.params.get("pipeline.steps", "").split(",") if s in ("train", "validate")]
@@ -103,7 +112,7 @@ def _reproduce_pipeline(client, orig, cfg: Config, notebooks, tags: dict) -> tup
         for kf in ("mlflow", "model", "serving"):
             (folder / f"{kf}_config.yaml").write_text(yaml.safe_dump(cfg.as_dict(secrets=True)[kf], sort_keys=False))
         res = run_pipeline(folder, steps, params, notebooks=notebooks, run_name="reproduce", tags=tags)
-    pairs = [(s, orig_child, res.step_runs[s]) for s, orig_child in _children(client, run_id).items() if s in res.step_runs]
+    pairs = [(s, child, res.step_runs[s]) for s, child in _children(client, run_id).items() if s in res.step_runs]
     return res.run_id, pairs, orig.data.tags.get(step_tag("train", "run_id")), res.step_runs.get("train")
 
 def reproduce(run_id: str,  # a pipeline or training run
@@ -120,7 +129,8 @@ def reproduce(run_id: str,  # a pipeline or training run
     if kind not in ("pipeline", "train", "step"):
         raise MlflowNbError(f"run {run_id} is a {kind or 'plain'} run: reproduce takes a pipeline or training run")
     cfg, tags = stored_config(client, run_id, uri, data), {TAG_REPRODUCES: run_id}
-    if kind == "pipeline": new_id, pairs, train_orig, train_new = _reproduce_pipeline(client, orig, cfg, notebooks, tags)
+    if kind == "pipeline":
+        new_id, pairs, train_orig, train_new = _reproduce_pipeline(client, orig, cfg, notebooks, tags)
     else:
         setup_tracking(cfg)
         new = train_model(None, cfg, register=False, run_name="reproduce", tags=tags)

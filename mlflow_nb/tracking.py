@@ -1,4 +1,4 @@
-"""MLflow run helpers: store set-up, experiments with explicit artifact locations, runs that never stay RUNNING, batched metrics
+"""MLflow run helpers: store set-up, experiments with artifact locations, runs that never stay RUNNING, batching
 
 Docs: https://mlflow-nb.github.io/mlflow_nb/tracking.html.md"""
 
@@ -6,38 +6,42 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/tracking.html.md"""
 
 # %% ../nbs/04_tracking.ipynb #db78257a
 from __future__ import annotations
-import fcntl, functools, hashlib, inspect, logging, math, numbers, os, re, socket, time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+import fcntl, functools, hashlib, inspect, logging, numbers, os, re, socket, time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import mlflow
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .core import (MlflowNbError, redact, TAG_BOOT, TAG_ERROR, TAG_HOST, TAG_PID, error_line)
+from .core import (MlflowNbError, redact, TAG_BOOT, TAG_ERROR, TAG_HOST, TAG_PID, error_line,
+                            quiet_migrations)
 from .config import Config, MlflowConfig
 
 # %% auto #0
 __all__ = ['log', 'HTTP_RETRY_POLICY', 'MAX_PARAM_LEN', 'sqlite_path', 'store_lock', 'artifact_location', 'ensure_experiment',
-           'Tracking', 'use_store', 'setup_tracking', 'flatten', 'safe_name', 'param_items', 'log_params',
-           'numeric_metrics', 'active_run_id', 'process_identity', 'process_tags', 'end_orphaned_runs', 'tracked_run',
+           'Tracking', 'use_store', 'setup_tracking', 'flatten', 'safe_name', 'param_items', 'active_run_id',
+           'log_params', 'numeric_metrics', 'process_identity', 'process_tags', 'end_orphaned_runs', 'tracked_run',
            'track_experiment', 'MetricBuffer']
 
 # %% ../nbs/04_tracking.ipynb #d20b335a
 log = logging.getLogger("mlflow_nb")
 
 # %% ../nbs/04_tracking.ipynb #3d0eb59a
-def sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str,  # a tracking URI
+               ) -> Path | None:
     "The database file of a `sqlite:///` URI, or None for any other store."
     if not uri.startswith("sqlite:///"): return None
     p = uri[len("sqlite:///"):].split("?")[0]
     return None if p in ("", ":memory:") else Path(p if p.startswith("/") else Path.cwd() / p)
 
+# %% ../nbs/04_tracking.ipynb #12816ad0
 @contextmanager
-def store_lock(uri: str):
+def store_lock(uri: str,  # the tracking URI whose store to lock
+              ):
     "Hold an exclusive inter-process lock for the SQLite store at `uri` (no-op for other stores)."
     db = sqlite_path(uri)
     if db is None:
@@ -49,7 +53,9 @@ def store_lock(uri: str):
         finally: fcntl.flock(fh, fcntl.LOCK_UN)
 
 # %% ../nbs/04_tracking.ipynb #e717de24
-def artifact_location(store: str, name: str) -> str:
+def artifact_location(store: str,  # `artifacts.store`: a folder or a URI
+                      name: str,  # the experiment's name
+                     ) -> str:
     "The artifact URI for experiment `name` under `store` (a folder or a URI)."
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".") or "experiment"
     if "://" in store: return f"{store.rstrip('/')}/{slug}"
@@ -57,7 +63,11 @@ def artifact_location(store: str, name: str) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     return folder.resolve().as_uri()
 
-def ensure_experiment(client: MlflowClient, name: str, location: str | None = None) -> str:
+# %% ../nbs/04_tracking.ipynb #9e50c08d
+def ensure_experiment(client: MlflowClient,  # a client of the store
+                      name: str,  # the experiment's name
+                      location: str | None = None,  # its artifact location, when it has to be created
+                     ) -> str:
     "Id of the active experiment `name`, created with `location` if it does not exist."
     exp = client.get_experiment_by_name(name)
     if exp is None:
@@ -74,41 +84,36 @@ def ensure_experiment(client: MlflowClient, name: str, location: str | None = No
 @dataclass
 class Tracking:
     "What `setup_tracking` set up."
-    tracking_uri: str
-    registry_uri: str
+    tracking_uri: str  # the store runs go to
+    registry_uri: str  # the model registry's store
     experiment_ids: dict[str, str]  # role ("default", "production") -> experiment id
-    experiment_names: dict[str, str]
+    experiment_names: dict[str, str]  # role -> experiment name
 
     @property
     def default_experiment_id(self) -> str: return self.experiment_ids["default"]
     @property
     def production_experiment_id(self) -> str: return self.experiment_ids["production"]
 
-    def client(self) -> MlflowClient: return MlflowClient(self.tracking_uri, self.registry_uri)
+    def client(self) -> MlflowClient:
+        "A client of the tracking and registry stores."
+        return MlflowClient(self.tracking_uri, self.registry_uri)
 
+# %% ../nbs/04_tracking.ipynb #c8c070fe
 HTTP_RETRY_POLICY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
-@contextmanager
-def _quiet_migrations():
-    "Silence the INFO lines MLflow and alembic print while creating a fresh store's tables."
-    loggers = [logging.getLogger(n) for n in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers: lg.setLevel(logging.WARNING)
-    try: yield
-    finally:
-        for lg, lv in zip(loggers, levels): lg.setLevel(lv)
-
+# %% ../nbs/04_tracking.ipynb #028bfc7c
 def use_store(uri: str,  # the tracking URI for MLflow's fluent API in this process
              ) -> None:
     "`mlflow.set_tracking_uri(uri)`, leaving MLFLOW_TRACKING_URI as the user set it (in absolute form)."
     user = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)  # (MLflow also exports it as MLFLOW_TRACKING_URI, which would look like the user's choice)
+    mlflow.set_tracking_uri(uri)  # (MLflow exports it as MLFLOW_TRACKING_URI, which would look like the user's)
     if user is None: os.environ.pop("MLFLOW_TRACKING_URI", None)
-    elif user.startswith("sqlite:///") and not user[10:].startswith(("/", ":memory:")):  # relative: to this directory
-        os.environ["MLFLOW_TRACKING_URI"] = "sqlite:///" + str(Path(user[10:]).resolve())  # children get the same file
+    elif user.startswith("sqlite:///") and not user[10:].startswith(("/", ":memory:")):  # relative: to this folder
+        os.environ["MLFLOW_TRACKING_URI"] = "sqlite:///" + str(Path(user[10:]).resolve())  # children: same file
     else: os.environ["MLFLOW_TRACKING_URI"] = user
 
+# %% ../nbs/04_tracking.ipynb #d1534049
 def setup_tracking(config: Config | MlflowConfig,  # loaded configs, or just the MLflow part
                    activate: bool = True,  # make the default experiment the active one
                   ) -> Tracking:
@@ -118,11 +123,12 @@ def setup_tracking(config: Config | MlflowConfig,  # loaded configs, or just the
     level = getattr(logging, mcfg.logging.level)
     for name in ("mlflow_nb", "mlflow"): logging.getLogger(name).setLevel(level)
     remote = uri.startswith(("http://", "https://", "databricks"))
-    if remote:  # bounded retries: a server that is down gives an error in ~10 s, not after MLflow's default ~4 minutes
+    if remote:  # bounded retries: a server that is down gives an error in ~10 s, not after MLflow's ~4 minutes
         for k, v in HTTP_RETRY_POLICY.items(): os.environ.setdefault(k, v)
-    if redact(uri) != uri: os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # its "View run at" URL has the password
+    if redact(uri) != uri:  # MLflow's "View run at" line would print the password
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     names = {"default": mcfg.experiments.default, "production": mcfg.experiments.production}
-    with store_lock(uri), _quiet_migrations():
+    with store_lock(uri), quiet_migrations():
         client = MlflowClient(uri, reg)  # opening the store runs the migration, once, under the lock
         ids = {role: ensure_experiment(client, n, None if remote else artifact_location(mcfg.artifacts.store, n))
                for role, n in names.items()}
@@ -133,7 +139,25 @@ def setup_tracking(config: Config | MlflowConfig,  # loaded configs, or just the
     return Tracking(uri, reg, ids, names)
 
 # %% ../nbs/04_tracking.ipynb #570606a1
-MAX_PARAM_LEN = 6000
+def flatten(d: dict,  # possibly nested
+            prefix: str = "",  # put before every key
+           ) -> dict[str, Any]:
+    "Nested dicts flattened into dotted keys."
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v: out.update(flatten(v, key + "."))
+        else: out[key] = v
+    return out
+
+# %% ../nbs/04_tracking.ipynb #c4a7b21e
+def safe_name(name: str,  # any text, e.g. a param key
+             ) -> str:
+    "`name` as a single, harmless file name: no folders, no '..', only letters, digits, '.', '_' and '-'."
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".") or "_"
+
+# %% ../nbs/04_tracking.ipynb #e11cc19c
+MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 
 def _param_text(v) -> str:
     import json
@@ -146,33 +170,31 @@ def _param_text(v) -> str:
     shape = getattr(v, "shape", None)
     return f"<{type(v).__name__}{' ' + 'x'.join(map(str, shape)) if shape else ''}>"
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    "Nested dicts flattened into dotted keys."
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v: out.update(flatten(v, key + "."))
-        else: out[key] = v
-    return out
+def _truncated(key: str, text: str) -> str:
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    mark = f"...[truncated, sha256:{digest}, full value in params/{safe_name(key)}.txt]"
+    return text[:MAX_PARAM_LEN - len(mark)] + mark
 
-def safe_name(name: str) -> str:
-    "`name` as a single, harmless file name: no folders, no '..', only letters, digits, '.', '_' and '-'."
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".") or "_"
-
-def param_items(params: dict) -> tuple[dict[str, str], dict[str, str]]:
+def param_items(params: dict,  # possibly nested; values of any type
+               ) -> tuple[dict[str, str], dict[str, str]]:
     "(params to log, full texts of over-long values) under the long-value policy."
     logged, full = {}, {}
     for k, v in flatten(params).items():
         key = re.sub(r"[^A-Za-z0-9_\-. /]", "_", k)[:250]
         text = _param_text(v)
-        if len(text) > MAX_PARAM_LEN:
-            full[key] = text
-            mark = f"...[truncated, sha256:{hashlib.sha256(text.encode()).hexdigest()[:12]}, full value in params/{safe_name(key)}.txt]"
-            text = text[:MAX_PARAM_LEN - len(mark)] + mark
+        if len(text) > MAX_PARAM_LEN: full[key], text = text, _truncated(key, text)
         logged[key] = text
     return logged, full
 
-# %% ../nbs/04_tracking.ipynb #c4a7b21e
+# %% ../nbs/04_tracking.ipynb #92f6a32a
+def active_run_id() -> str:
+    "The id of the active run; `MlflowNbError` when no run is active."
+    run = mlflow.active_run()
+    if run is None:
+        raise MlflowNbError("no active MLflow run: call this inside tracked_run(...) or a @track_experiment function")
+    return run.info.run_id
+
+# %% ../nbs/04_tracking.ipynb #dbf3247a
 def log_params(params: dict,  # possibly nested; values of any type
                run_id: str | None = None,  # default: the active run
               ) -> dict[str, str]:
@@ -185,17 +207,14 @@ def log_params(params: dict,  # possibly nested; values of any type
     for k, text in full.items(): client.log_text(run_id, text, f"params/{safe_name(k)}.txt")
     return logged
 
-def numeric_metrics(result: dict) -> dict[str, float]:
+# %% ../nbs/04_tracking.ipynb #f0beee58
+def numeric_metrics(result: dict,  # e.g. what a training function returned
+                   ) -> dict[str, float]:
     "The numeric entries of a (nested) result dict as floats; NaN and inf are kept, bools and text dropped."
     return {k: float(v) for k, v in flatten(result).items()
             if isinstance(v, numbers.Number) and not isinstance(v, bool)}
 
-def active_run_id() -> str:
-    run = mlflow.active_run()
-    if run is None: raise MlflowNbError("no active MLflow run: call this inside tracked_run(...) or a @track_experiment function")
-    return run.info.run_id
-
-# %% ../nbs/04_tracking.ipynb #92f6a32a
+# %% ../nbs/04_tracking.ipynb #f6a58422
 def _read(path: str) -> str:
     try: return Path(path).read_text().strip()
     except OSError: return ""
@@ -207,6 +226,7 @@ def process_identity() -> str:
     except OSError: pass
     return f"{_read('/proc/sys/kernel/random/boot_id') or 'unknown-boot'}/{ns or 'unknown-pidns'}"
 
+# %% ../nbs/04_tracking.ipynb #9a761bf6
 def _started(pid: int) -> str:
     "When process `pid` started, in clock ticks since boot ('' when unknown): tells a reused pid from the original."
     stat = _read(f"/proc/{pid}/stat")
@@ -218,6 +238,13 @@ def process_tags() -> dict[str, str]:
     return {TAG_HOST: socket.gethostname(), TAG_BOOT: process_identity(),
             TAG_PID: f"{os.getpid()}" + (f"@{started}" if started else "")}
 
+# %% ../nbs/04_tracking.ipynb #31301c45
+def _alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
 def _owner_gone(tags: dict) -> str | None:
     "Why the process that owns a run with `tags` is known to be gone, or None (alive, or not ours to judge)."
     host, ident = socket.gethostname(), process_identity()
@@ -228,15 +255,9 @@ def _owner_gone(tags: dict) -> str | None:
     if started and _started(int(pid)) != started: return f"process {pid} on {host} is gone (its pid was reused)"
     return None
 
-def _alive(pid: int) -> bool:
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True
-    return True
-
 def end_orphaned_runs(experiment_ids: list[str],  # experiments to look in
-                      older_than: float | None = None,  # also end runs of any host RUNNING longer than this (seconds)
-                      client: MlflowClient | None = None,
+                      older_than: float | None = None,  # also end runs of any host RUNNING longer than this (s)
+                      client: MlflowClient | None = None,  # default: a client of the current store
                      ) -> list[str]:
     "Mark FAILED the RUNNING runs whose owning process is gone (or that are older than `older_than`); their ids."
     client = client or MlflowClient()
@@ -264,7 +285,8 @@ def tracked_run(name: str | None = None,  # run name
     nested = mlflow.active_run() is not None if nested is None else nested
     run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
                            run_name=None if run_id else name, nested=nested or bool(parent_run_id),
-                           tags={**process_tags(), **(tags or {})}, parent_run_id=None if run_id else parent_run_id)
+                           tags={**process_tags(), **(tags or {})},
+                           parent_run_id=None if run_id else parent_run_id)
     try:
         yield run
     except BaseException as e:
@@ -276,7 +298,20 @@ def tracked_run(name: str | None = None,  # run name
     else: mlflow.end_run("FINISHED")
 
 # %% ../nbs/04_tracking.ipynb #9c73c326
-def track_experiment(func: Callable | None = None, *,
+def _call_params(sig: inspect.Signature, args, kwargs) -> dict:
+    "The arguments of a call by name, defaults included; **kwargs flattened in, *args as a list."
+    bound = sig.bind(*args, **kwargs)
+    bound.apply_defaults()
+    params = {}
+    for k, v in bound.arguments.items():
+        kind = sig.parameters[k].kind
+        if k in ("self", "cls"): continue
+        if kind is inspect.Parameter.VAR_KEYWORD: params.update(v)
+        elif kind is inspect.Parameter.VAR_POSITIONAL: params[k] = list(v)
+        else: params[k] = v
+    return params
+
+def track_experiment(func: Callable | None = None, *,  # the function (when used as `@track_experiment`)
                      name: str | None = None,  # run name (default: the function's name)
                      log_args: bool = True,  # log the call's arguments as params
                     ):
@@ -287,21 +322,10 @@ def track_experiment(func: Callable | None = None, *,
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         with tracked_run(name or func.__name__):
-            if log_args:
-                bound = sig.bind(*args, **kwargs)
-                bound.apply_defaults()
-                params = {}
-                for k, v in bound.arguments.items():
-                    kind = sig.parameters[k].kind
-                    if k in ("self", "cls"): continue
-                    if kind is inspect.Parameter.VAR_KEYWORD: params.update(v)
-                    elif kind is inspect.Parameter.VAR_POSITIONAL: params[k] = list(v)
-                    else: params[k] = v
-                log_params(params)
+            if log_args: log_params(_call_params(sig, args, kwargs))
             result = func(*args, **kwargs)
-            if isinstance(result, dict):
-                metrics = numeric_metrics(result)
-                if metrics: mlflow.log_metrics(metrics)
+            metrics = numeric_metrics(result) if isinstance(result, dict) else {}
+            if metrics: mlflow.log_metrics(metrics)
             return result
     return wrapper
 
@@ -310,7 +334,7 @@ class MetricBuffer:
     "Collect metric values and log them to a run with `log_batch`, 1,000 at a time."
     def __init__(self, run_id: str | None = None,  # default: the active run
                  max_batch: int = 1000,  # values per log_batch call (MLflow allows at most 1,000)
-                 client: MlflowClient | None = None):
+                 client: MlflowClient | None = None):  # default: a client of the current store
         self.run_id = run_id or active_run_id()
         self.max_batch = min(max_batch, 1000)
         self.client = client or MlflowClient()
@@ -318,14 +342,20 @@ class MetricBuffer:
         self._steps: dict[str, int] = {}
         self.sent = 0
 
-    def log(self, key: str, value: float, step: int | None = None, timestamp: int | None = None) -> None:
+    def log(self, key: str,  # the metric's name
+            value: float,  # its value
+            step: int | None = None,  # default: one more than this key's last step (from 0)
+            timestamp: int | None = None,  # milliseconds since the epoch (default: now)
+           ) -> None:
         "Buffer one value; sends a batch when the buffer is full."
         if step is None: step = self._steps.get(key, 0)
         self._steps[key] = step + 1
         self._pending.append(Metric(key, float(value), timestamp or int(time.time() * 1000), int(step)))
         if len(self._pending) >= self.max_batch: self.flush()
 
-    def log_many(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_many(self, metrics: dict[str, float],  # name -> value
+                 step: int | None = None,  # the step of all of them (default: each key's next step)
+                ) -> None:
         "Buffer several metrics at one step."
         ts = int(time.time() * 1000)
         for k, v in metrics.items(): self.log(k, v, step, ts)

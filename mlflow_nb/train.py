@@ -18,8 +18,8 @@ from .core import (MlflowNbError, TAG_CONFIG_DIGEST, TAG_KIND, TAG_PRIMARY_METRI
                             error_line)
 from .estimators import build_estimator, estimator_task, resolve_estimator
 from .config import Config
-from .data import (PROFILE_PATH, Split, build_pipeline, build_profile, load_dataset, log_dataset_inputs, select_xy,
-                            split_data, to_model_frame)
+from .data import (PROFILE_PATH, Split, build_pipeline, build_profile, load_dataset, log_dataset_inputs,
+                            select_xy, split_data, to_model_frame)
 from .metrics import compute_metrics
 from .repro import log_environment, set_seed
 from .tracking import MetricBuffer, log_params, tracked_run
@@ -41,6 +41,7 @@ class Prepared:
     rows_dropped: int  # rows without a target
     source: str  # where the data came from
 
+# %% ../nbs/07_train.ipynb #96376f6f
 def prepare_data(config: Config,  # loaded configs
                  data: pd.DataFrame | None = None,  # the data (default: load `data.source`)
                 ) -> Prepared:
@@ -122,10 +123,10 @@ def model_figures(pipeline,  # a fitted pipeline: preprocessing, then the estima
         out["loss_curve.png"] = f
     return out
 
-# %% ../nbs/07_train.ipynb #ebdcca95
-TRUSTED_PACKAGES = ("sklearn", "numpy", "scipy", "mlflow_nb")
+# %% ../nbs/07_train.ipynb #b38d0e71
+TRUSTED_PACKAGES = ("sklearn", "numpy", "scipy", "mlflow_nb")  # packages whose classes skops may construct
 REFUSED_TYPES = {"numpy.memmap", "numpy.lib.npyio.NpzFile", "numpy.lib._npyio_impl.NpzFile", "numpy.DataSource",
-                 "numpy.lib._datasource.DataSource"}
+                 "numpy.lib._datasource.DataSource"}  # classes of those packages that read files
 
 def untrusted_types(types: list[str],  # fully qualified type names, as skops lists them
                    ) -> list[str]:
@@ -140,6 +141,7 @@ def untrusted_types(types: list[str],  # fully qualified type names, as skops li
         if not ok: bad.append(t)
     return bad
 
+# %% ../nbs/07_train.ipynb #f419460f
 def skops_trusted_types(model,  # a fitted model
                        ) -> list[str]:
     "The non-default types skops finds in `model`, all trusted; `MlflowNbError` naming any that is not."
@@ -149,12 +151,13 @@ def skops_trusted_types(model,  # a fitted model
     if bad: raise MlflowNbError(f"model contains types that are not trusted for loading: {', '.join(bad)}")
     return found
 
-# %% ../nbs/07_train.ipynb #f419460f
+# %% ../nbs/07_train.ipynb #ebdcca95
 def model_requirements() -> list[str]:
     "Pinned pip requirements to load and run a logged scikit-learn (or mlflow_nb) model."
     names = ["mlflow", "scikit-learn", "numpy", "pandas", "scipy", "skops"]
     return [f"{n}=={md.version(n)}" for n in names]
 
+# %% ../nbs/07_train.ipynb #f07a004a
 def _uses_mlflow_nb(model) -> bool:
     return any(type(s).__module__.startswith("mlflow_nb") for _, s in getattr(model, "steps", [(None, model)]))
 
@@ -176,18 +179,22 @@ def log_sklearn_model(model,  # a fitted scikit-learn model or pipeline
 class TrainingError(MlflowNbError):
     "The estimator refused to fit the configured data with the configured params."
 
+# %% ../nbs/07_train.ipynb #96ce43fd
 def _guarded(fn, model_type, what):
     try: return fn()
     except (ValueError, TypeError) as e:
-        raise TrainingError(f"model.type {model_type}: {what} failed: {error_line(e, with_type=False) or type(e).__name__}") from e
+        why = error_line(e, with_type=False) or type(e).__name__
+        raise TrainingError(f"model.type {model_type}: {what} failed: {why}") from e
 
 def fit_model(model,  # an unfitted model
-              X, y,  # training rows and target
+              X,  # training rows
+              y,  # their target
               model_type: str = "",  # named in the error
              ):
     "`model.fit(X, y)`, with the estimator's ValueError/TypeError turned into a one-line `TrainingError`."
     return _guarded(lambda: model.fit(X, y), model_type, "fit")
 
+# %% ../nbs/07_train.ipynb #60e6db36
 def predict_with(model,  # a fitted model
                  X,  # rows to predict
                  model_type: str = "",  # named in the error
@@ -202,28 +209,16 @@ def log_config(config: Config,  # loaded configs
     "Log the effective config (secrets redacted) into the active run."
     mlflow.log_dict(config.as_dict(), "configs/effective_config.json")
 
-def _start_training_run(config: Config, prep: Prepared, tags: dict) -> dict[str, str]:
-    "Tags, config, environment, seed, params and dataset inputs of a training run; the dataset digests."
-    mc = config.model
-    mlflow.set_tags(tags)
-    log_config(config)
-    log_environment(list(config.files.values()), repo=config.folder)
-    set_seed(mc.training.random_state)
-    log_params({"model": {"type": mc.estimator.type, "params": mc.estimator.params}, "training": mc.training.model_dump(),
-                "data": {"source": mc.data.source, "target": mc.data.target, "rows_dropped": prep.rows_dropped,
-                         "n_train": len(prep.split.y_train), "n_test": len(prep.split.y_test), "n_features": prep.X.shape[1]},
-                "task": prep.task, "config_digest": config.digest})
-    return log_dataset_inputs(prep.split, prep.source)
-
-# %% ../nbs/07_train.ipynb #4e1295d9
+# %% ../nbs/07_train.ipynb #0bf21b5f
 @dataclass
 class Evaluation:
     "A fitted pipeline's predictions on the test split and their metrics."
-    metrics: dict[str, float]
-    y_pred: np.ndarray
-    proba: np.ndarray | None
-    classes: list | None
+    metrics: dict[str, float]  # the configured metrics
+    y_pred: np.ndarray  # predictions on the test split
+    proba: np.ndarray | None  # class probabilities (classifiers)
+    classes: list | None  # the class labels, in the order of `proba`'s columns
 
+# %% ../nbs/07_train.ipynb #91c8421a
 def evaluate(pipeline,  # the fitted pipeline
              prep: Prepared,  # the data it was fitted on (its test split is scored)
              config: Config,  # loaded configs (metrics, model type)
@@ -236,11 +231,49 @@ def evaluate(pipeline,  # the fitted pipeline
     classes = list(pipeline.classes_) if prep.task == "classification" else None
     return Evaluation(compute_metrics(mc.metrics, s.y_test, y_pred, proba, classes), y_pred, proba, classes)
 
-def training_figures(pipeline, prep: Prepared, ev: Evaluation) -> dict:
+# %% ../nbs/07_train.ipynb #665ceeb2
+def training_figures(pipeline,  # the fitted pipeline
+                     prep: Prepared,  # its data
+                     ev: Evaluation,  # its evaluation on the test split
+                    ) -> dict:
     "Every plot of a training run, by file name."
     figs = regression_figures(prep.split.y_test, ev.y_pred) if prep.task == "regression" else \
            classification_figures(prep.split.y_test, ev.y_pred, ev.proba, ev.classes)
     return {**figs, **model_figures(pipeline)}
+
+# %% ../nbs/07_train.ipynb #4e1295d9
+@dataclass
+class TrainResult:
+    "What one training run produced."
+    run_id: str  # the training run
+    model_uri: str  # runs-independent URI of the logged model
+    model_name: str  # the registered model's name
+    version: str | None  # registered version, None when not registered
+    metrics: dict[str, float]  # the configured metrics on the test split
+    task: str  # "regression" or "classification"
+    dataset_digests: dict[str, str] = field(default_factory=dict)  # "training"/"evaluation" -> digest
+    config_digest: str = ""  # `Config.digest` of the recipe
+    pipeline: object = field(default=None, repr=False)  # the fitted scikit-learn pipeline
+    figures: dict = field(default_factory=dict, repr=False)  # the logged plots, by file name
+
+    @property
+    def registered_uri(self) -> str | None:
+        "`models:/<name>/<version>`, when the model was registered."
+        return f"models:/{self.model_name}/{self.version}" if self.version else None
+
+# %% ../nbs/07_train.ipynb #d4152457
+def _start_training_run(config: Config, prep: Prepared, tags: dict) -> dict[str, str]:
+    "Tags, config, environment, seed, params and dataset inputs of a training run; the dataset digests."
+    mc = config.model
+    mlflow.set_tags(tags)
+    log_config(config)
+    log_environment(list(config.files.values()), repo=config.folder)
+    set_seed(mc.training.random_state)
+    data = {"source": mc.data.source, "target": mc.data.target, "rows_dropped": prep.rows_dropped,
+            "n_train": len(prep.split.y_train), "n_test": len(prep.split.y_test), "n_features": prep.X.shape[1]}
+    log_params({"model": {"type": mc.estimator.type, "params": mc.estimator.params},
+                "training": mc.training.model_dump(), "data": data, "task": prep.task, "config_digest": config.digest})
+    return log_dataset_inputs(prep.split, prep.source)
 
 def _log_evaluation(pipeline, prep: Prepared, ev: Evaluation, config: Config, plots: bool) -> dict:
     "Metrics, reference profile, loss curve and plots into the active run; the figures."
@@ -254,32 +287,13 @@ def _log_evaluation(pipeline, prep: Prepared, ev: Evaluation, config: Config, pl
     for fname, fig in figs.items(): mlflow.log_figure(fig, f"plots/{fname}")
     return figs
 
-# %% ../nbs/07_train.ipynb #689c2816
-@dataclass
-class TrainResult:
-    "What one training run produced."
-    run_id: str
-    model_uri: str  # runs-independent URI of the logged model
-    model_name: str
-    version: str | None  # registered version, None when not registered
-    metrics: dict[str, float]
-    task: str
-    dataset_digests: dict[str, str] = field(default_factory=dict)
-    config_digest: str = ""
-    pipeline: object = field(default=None, repr=False)  # the fitted scikit-learn pipeline
-    figures: dict = field(default_factory=dict, repr=False)  # the logged plots, by file name
-
-    @property
-    def registered_uri(self) -> str | None:
-        return f"models:/{self.model_name}/{self.version}" if self.version else None
-
 def _register(model_uri: str, config: Config) -> str:
     mv = mlflow.register_model(model_uri, config.model.estimator.name,
                                tags={TAG_CONFIG_DIGEST: config.digest, TAG_PRIMARY_METRIC: config.model.primary_metric})
     mlflow.set_tag(TAG_REGISTERED_VERSION, str(mv.version))
     return str(mv.version)
 
-def train_model(data: pd.DataFrame | Prepared | None,  # a frame with the target column, prepared data, or None to load `data.source`
+def train_model(data: pd.DataFrame | Prepared | None,  # frame with the target, prepared data, or None: `data.source`
                 config: Config,  # loaded configs
                 register: bool = True,  # register the model under `model.name`
                 run_name: str = "train",  # the run's name
@@ -310,9 +324,27 @@ def _fold_metrics(base, prep: Prepared, config: Config, train_idx, test_idx) -> 
     mc, kind = config.model, config.model.estimator.type
     model = fit_model(clone(base), prep.X.iloc[train_idx], prep.y.iloc[train_idx], kind)
     Xt, yt = prep.X.iloc[test_idx], prep.y.iloc[test_idx]
-    proba = predict_with(model, Xt, kind, proba=True) if prep.task == "classification" and hasattr(model, "predict_proba") else None
+    classify = prep.task == "classification"
+    proba = predict_with(model, Xt, kind, proba=True) if classify and hasattr(model, "predict_proba") else None
     return compute_metrics(mc.metrics, yt, predict_with(model, Xt, kind), proba,
-                           list(model.classes_) if prep.task == "classification" else None)
+                           list(model.classes_) if classify else None)
+
+class _active:
+    "The active run as a context manager that leaves it open."
+    def __enter__(self): return mlflow.active_run()
+    def __exit__(self, *exc): return False
+
+def _log_folds(base, prep: Prepared, config: Config, splitter, run_id: str) -> dict[str, float]:
+    "Each fold's metrics as steps of cv_<metric>; their mean and std, logged and returned."
+    per_fold = {m: [] for m in config.model.metrics}
+    with MetricBuffer(run_id) as buf:
+        for fold, (tr_idx, te_idx) in enumerate(splitter.split(prep.X, prep.y)):
+            for m, v in _fold_metrics(base, prep, config, tr_idx, te_idx).items():
+                per_fold[m].append(v); buf.log(f"cv_{m}", v, step=fold)
+    stats = (("mean", np.mean), ("std", np.std))
+    summary = {f"cv_{m}_{s}": float(f(vs)) for m, vs in per_fold.items() for s, f in stats}
+    mlflow.log_metrics(summary, run_id=run_id)
+    return summary
 
 def cross_val_metrics(config: Config,  # loaded configs (model, metrics, validation.cv_folds)
                       data: pd.DataFrame | Prepared | None = None,  # the data (default: load `data.source`)
@@ -324,22 +356,12 @@ def cross_val_metrics(config: Config,  # loaded configs (model, metrics, validat
     prep = data if isinstance(data, Prepared) else prepare_data(config, data)
     k = mc.validation.cv_folds
     if len(prep.y) < k: raise MlflowNbError(f"validation.cv_folds: {k} folds need at least {k} rows, got {len(prep.y)}")
-    splitter = (StratifiedKFold if prep.task == "classification" else KFold)(k, shuffle=True, random_state=mc.training.random_state)
+    kfold = StratifiedKFold if prep.task == "classification" else KFold
+    splitter = kfold(k, shuffle=True, random_state=mc.training.random_state)
     base = build_pipeline(build_estimator(mc.estimator.type, mc.estimator.params, mc.training.random_state), prep.X)
     own = run_id is not None or mlflow.active_run() is None
     with (tracked_run("cross_validation", run_id=run_id) if own else _active()) as run:
         set_seed(mc.training.random_state)
-        per_fold = {m: [] for m in mc.metrics}
-        with MetricBuffer(run.info.run_id) as buf:
-            for fold, (tr_idx, te_idx) in enumerate(splitter.split(prep.X, prep.y)):
-                for m, v in _fold_metrics(base, prep, config, tr_idx, te_idx).items():
-                    per_fold[m].append(v); buf.log(f"cv_{m}", v, step=fold)
-        summary = {f"cv_{m}_{s}": float(f(vs)) for m, vs in per_fold.items() for s, f in (("mean", np.mean), ("std", np.std))}
-        mlflow.log_metrics(summary, run_id=run.info.run_id)
+        summary = _log_folds(base, prep, config, splitter, run.info.run_id)
         if "cv_folds" not in mlflow.get_run(run.info.run_id).data.params: mlflow.log_param("cv_folds", k)
     return summary
-
-class _active:
-    "The active run as a context manager that leaves it open."
-    def __enter__(self): return mlflow.active_run()
-    def __exit__(self, *exc): return False
