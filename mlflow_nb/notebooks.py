@@ -6,7 +6,7 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/notebooks.html.md"""
 
 # %% ../nbs/14a_notebooks.ipynb #cdd8b1aa
 from __future__ import annotations
-import ast, json, logging, os, shutil, tempfile, threading, time
+import ast, functools, json, logging, os, shutil, tempfile, threading, time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -98,6 +98,19 @@ def render_notebook_html(nb_path: Path  # an executed notebook
     return out
 
 # %% ../nbs/14a_notebooks.ipynb #bb811aa9
+@functools.cache
+def _pool_kernel_manager():
+    "jupyter_client's async kernel manager (nbclient's default), remembering the clients it makes."
+    from jupyter_client.manager import AsyncKernelManager
+    class PoolKernelManager(AsyncKernelManager):
+        @property
+        def clients(self) -> list: return self.__dict__.setdefault("_made_clients", [])
+        def client(self, **kw):
+            kc = super().client(**kw)
+            self.clients.append(kc)
+            return kc
+    return PoolKernelManager
+
 class KernelPool:
     "Fresh kernels for the steps of one pipeline run, started in order, ahead of their turn."
     def __init__(self, folder: str | Path,  # the kernels' working folder (the step notebooks')
@@ -108,7 +121,7 @@ class KernelPool:
         self.folder, self.warm_up, self.env = Path(folder), list(warm_up), env
         self._dir = tempfile.mkdtemp(prefix="mlflow_nb_kernels_")
         self._ready = [Future() for _ in self.warm_up]
-        self._started, self._stopping, self._next, self._closed = [], [], 0, False
+        self._started, self._next, self._closed = [], 0, False
         self._lock = threading.Lock()
         for _ in range(parallel or max(1, (os.cpu_count() or 2) // 2)):
             threading.Thread(target=self._starter, daemon=True, name="mlflow_nb-kernel-start").start()
@@ -122,15 +135,16 @@ class KernelPool:
             except BaseException as e: self._ready[i].set_exception(e)
 
     def _start(self, i: int):
-        "Start kernel `i` and run its warm-up code in it."
-        from jupyter_client.manager import AsyncKernelManager
+        "Start kernel `i` and run its warm-up code in it (in a starter thread)."
         from jupyter_core.utils import run_sync
-        km = AsyncKernelManager(kernel_name="python3", transport="ipc", ip=f"{self._dir}/k{i}",
-                                connection_file=f"{self._dir}/k{i}.json")
-        with self._lock: self._started.append(km)
+        km = _pool_kernel_manager()(kernel_name="python3", transport="ipc", ip=f"{self._dir}/k{i}",
+                                    connection_file=f"{self._dir}/k{i}.json")
         with open(f"{self._dir}/k{i}.log", "ab") as out:  # the kernel's own stdout/stderr: kept off the terminal
             run_sync(km.start_kernel)(cwd=str(self.folder), env=self.env or dict(os.environ), stdout=out, stderr=out)
-        if self._closed: raise RuntimeError("the kernel pool was closed")  # close() stops this kernel
+        with self._lock:
+            closed = self._closed
+            if not closed: self._started.append(km)  # from now on close() stops it
+        if closed: self._stop(km); raise RuntimeError("the kernel pool was closed")
         kc = km.blocking_client()
         kc.start_channels()
         try:
@@ -150,23 +164,24 @@ class KernelPool:
             return None
 
     @staticmethod
-    def _stop(km, now: bool) -> None:
+    def _stop(km) -> None:
+        "Kill the kernel and release its resources (one thread at a time per kernel: jupyter_client's rule)."
         from jupyter_core.utils import run_sync
-        try:
-            if km.has_kernel: run_sync(km.shutdown_kernel)(now=now)
+        try: run_sync(km.shutdown_kernel)(now=True)
         except Exception as e: log.debug("kernel shutdown: %s", error_line(e))
 
     def release(self, km) -> None:
-        "Shut down a kernel that has served its step, in the background."
+        "Done with a kernel: close the clients papermill made for it and ask it to exit (`close` reaps it)."
         if km is None: return
-        t = threading.Thread(target=self._stop, args=(km, False), daemon=True, name="mlflow_nb-kernel-stop")
-        t.start(); self._stopping.append((km, t))
+        from jupyter_core.utils import run_sync
+        for kc in km.clients: kc.stop_channels()  # papermill leaves them open on a kernel it was given
+        try: run_sync(km.request_shutdown)()  # the kernel exits by itself while the next step runs
+        except Exception as e: log.debug("kernel shutdown request: %s", error_line(e))
 
     def close(self) -> None:
-        "Kill every kernel this pool started that is still running, and remove its folder."
+        "Stop every kernel this pool started (killing any still running) and remove its folder."
         with self._lock: self._closed, started = True, list(self._started)
-        for km in started: self._stop(km, now=True)  # the steps are over: no need to wait for a graceful exit
-        for _, t in self._stopping: t.join(5)
+        for km in started: self._stop(km)
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self): return self

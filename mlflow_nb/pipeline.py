@@ -31,8 +31,9 @@ from .train import log_config
 # %% auto #0
 __all__ = ['STEPS', 'RESERVED', 'log', 'SECRET_URL_KEYS', 'parse_value', 'check_parameters', 'parse_parameters',
            'read_yaml_argument', 'redact_override', 'runner_parameters', 'EnvRun', 'adopt_env_run', 'PipelinePlan',
-           'plan_pipeline', 'kernel_environment', 'warm_up_code', 'open_store', 'start_parent', 'end_open_runs',
-           'run_steps', 'ui_command', 'artifact_location', 'PipelineResult', 'pipeline_result', 'run_pipeline']
+           'plan_pipeline', 'quiet_run_links', 'kernel_environment', 'warm_up_code', 'open_store', 'start_parent',
+           'end_open_runs', 'run_steps', 'ui_command', 'artifact_location', 'PipelineResult', 'pipeline_result',
+           'run_pipeline']
 
 # %% ../nbs/15_pipeline.ipynb #780ff625
 STEPS = ("train", "validate", "select", "promote", "monitor")
@@ -178,13 +179,19 @@ def plan_pipeline(config_dir: str | Path = "configs",  # the config folder
     return PipelinePlan(cfg, steps, nb_dir, declared, parameters, overrides)
 
 # %% ../nbs/15_pipeline.ipynb #9e34577a
+def quiet_run_links(tracking_uri: str,  # the pipeline's store
+                   ) -> dict[str, str]:
+    "The environment that stops MLflow printing run links, when they would show the URI's password; else nothing."
+    return {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"} if redact(tracking_uri) != tracking_uri else {}
+
+# %% ../nbs/15_pipeline.ipynb #ae56e9fe
 def kernel_environment(config: Config,  # the loaded config
                       ) -> dict:
     "The step kernels' environment: this process's, without `mlflow run`'s run variables, store URI absolute."
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     if "MLFLOW_TRACKING_URI" in env: env["MLFLOW_TRACKING_URI"] = config.tracking_uri  # resolved once, here
     env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in the logged reports
-    return env
+    return {**env, **quiet_run_links(config.tracking_uri)}
 
 # %% ../nbs/15_pipeline.ipynb #b5a323ac
 _SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # tracking stores MLflow opens with SQLAlchemy
@@ -205,6 +212,7 @@ def warm_up_code(notebook: Path,  # a step notebook
 def open_store(config: Config,  # the loaded config
               ) -> tuple[Tracking, MlflowClient]:
     "Set up tracking for the pipeline and end the runs that processes of this host left RUNNING when they died."
+    os.environ.update(quiet_run_links(config.tracking_uri))
     tr = setup_tracking(config)
     client = tr.client()
     for rid in end_orphaned_runs([tr.default_experiment_id], client=client):
