@@ -6,7 +6,7 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/notebooks.html.md"""
 
 # %% ../nbs/14a_notebooks.ipynb #cdd8b1aa
 from __future__ import annotations
-import ast, functools, json, logging, os, shutil, tempfile, threading, time
+import ast, functools, json, logging, os, shutil, sys, tempfile, threading, time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from .config import Config, load_config
 
 # %% auto #0
 __all__ = ['log', 'PipelineStepFailed', 'find_notebooks', 'code_cells_of', 'step_parameters', 'import_lines',
-           'render_notebook_html', 'KernelPool', 'run_step_notebook']
+           'notebook_html_exporter', 'render_notebook_html', 'preload', 'KernelPool', 'run_step_notebook']
 
 # %% ../nbs/14a_notebooks.ipynb #aa8752aa
 log = logging.getLogger("mlflow_nb.notebooks")
@@ -83,19 +83,27 @@ def import_lines(nb: Path  # a notebook
     return "\n".join(dict.fromkeys(lines))
 
 # %% ../nbs/14a_notebooks.ipynb #347272d3
-_html_exporter = None
-
-def render_notebook_html(nb_path: Path  # an executed notebook
-               ) -> Path:
-    "The executed notebook rendered as HTML beside it (the exporter is built once per process)."
-    global _html_exporter
-    import nbformat
+@functools.cache
+def notebook_html_exporter():
+    "nbconvert's HTML exporter, built once per process (its templates take a moment to load)."
     from nbconvert import HTMLExporter
-    _html_exporter = _html_exporter or HTMLExporter()
-    body, _ = _html_exporter.from_notebook_node(nbformat.read(str(nb_path), as_version=4))
+    return HTMLExporter()
+
+# %% ../nbs/14a_notebooks.ipynb #b226313d
+def render_notebook_html(nb_path: Path  # an executed notebook
+                        ) -> Path:
+    "The executed notebook rendered as HTML beside it."
+    import nbformat
+    body, _ = notebook_html_exporter().from_notebook_node(nbformat.read(str(nb_path), as_version=4))
     out = nb_path.with_suffix(".html")
     out.write_text(body, encoding="utf-8")
     return out
+
+# %% ../nbs/14a_notebooks.ipynb #8063e001
+def preload() -> None:
+    "Import papermill and nbformat and build the HTML exporter: what executing and logging a step first needs."
+    import nbformat, papermill  # noqa: F401
+    notebook_html_exporter()
 
 # %% ../nbs/14a_notebooks.ipynb #bb811aa9
 @functools.cache

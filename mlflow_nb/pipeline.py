@@ -20,8 +20,8 @@ from mlflow.tracking import MlflowClient
 from .core import (GIT_COMMIT, MlflowNbError, PARENT_RUN, TAG_CONFIG_DIGEST, TAG_KIND, TAG_STARTED_RUN,
                             TAG_STEP, error_line, redact, redact_url, step_tag)
 from .config import Config, ConfigError, json_typed, load_config
-from .notebooks import (KernelPool, PipelineStepFailed, find_notebooks, import_lines, run_step_notebook,
-                                 step_parameters)
+from .notebooks import (KernelPool, PipelineStepFailed, find_notebooks, import_lines, preload,
+                                 run_step_notebook, step_parameters)
 from .registry import holder
 from .repro import git_state, log_environment
 from .steps import SEALED_ENV
@@ -251,6 +251,7 @@ def run_steps(plan: PipelinePlan,  # the checked request
     shown, _ = runner_parameters(plan.config, plan.overrides)
     git, step_runs, seconds = git_state(plan.config.folder) or {}, {}, {}
     report = on_step or (lambda *a: None)
+    preload()  # while the first kernel starts
     with tempfile.TemporaryDirectory() as out_dir:
         for i, s in enumerate(plan.steps):
             t0 = time.perf_counter()
