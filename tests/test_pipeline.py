@@ -32,7 +32,8 @@ def _pipeline_runs(client, experiment="development"):
 
 
 def _running(client):
-    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], "attributes.status = 'RUNNING'")]
+    return [r for e in client.search_experiments()
+            for r in client.search_runs([e.experiment_id], "attributes.status = 'RUNNING'")]
 
 
 def _new_project(tmp: Path) -> Path:
@@ -91,12 +92,14 @@ def finished_pipeline(tmp_path_factory):
     serving_config.yaml and with -o, so that the same run shows where things go and what is kept secret."""
     project = _new_project(tmp_path_factory.mktemp("pipeline"))
     serving = project / "configs" / "serving_config.yaml"
-    serving.write_text(serving.read_text().replace("webhook_url: null", f'webhook_url: "http://127.0.0.1:9/h/{YAML_TOKEN}"'))
+    hook = f'webhook_url: "http://127.0.0.1:9/h/{YAML_TOKEN}"'
+    serving.write_text(serving.read_text().replace("webhook_url: null", hook))
     env = {"MLFLOW_TRACKING_URI": "sqlite:///env-store.db"}
     rc, lines, err = _run_live("run", *FAST, "-o", f"monitor.webhook_url=https://hooks.example.com/T/{CLI_TOKEN}",
                                cwd=project, env=env)
     return {"project": project, "rc": rc, "lines": lines, "stdout": "\n".join(l for _, l in lines), "stderr": err,
-            "env": env, "uri": f"sqlite:///{project}/env-store.db", "client": _client(f"sqlite:///{project}/env-store.db")}
+            "env": env, "uri": f"sqlite:///{project}/env-store.db", 
+            "client": _client(f"sqlite:///{project}/env-store.db")}
 
 
 def test_run_completes_five_nested_steps_and_promotes(finished_pipeline):
@@ -273,7 +276,8 @@ def test_a_signal_mid_step_ends_every_run_killed_and_keeps_the_champion(finished
     else: os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (proc.returncode, err[-2000:])
-    assert err.strip().splitlines() == ["mlflow-nb: interrupted: the runs this command opened were ended as KILLED"], err
+    assert err.strip().splitlines() == ["mlflow-nb: interrupted: the runs this command opened were ended as KILLED"], \
+        err
     assert client.get_run(parent.info.run_id).info.status == "KILLED"
     kids = _children(client, parent.info.run_id)
     statuses = {s: k.info.status for s, k in kids.items()}
