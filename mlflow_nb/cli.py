@@ -238,17 +238,19 @@ def cmd_history(args,  # the parsed command line
     Arg("--notebooks", metavar="DIR", help="folder of step notebooks (default: nbs/pipeline)"),
 ])
 def cmd_run(args) -> int:
-    "Run the pipeline (or some of its steps) with papermill."
-    from mlflow_nb.pipeline import STEPS, parse_parameters, run_pipeline
-    overrides = _overrides(args)
-    params = parse_parameters(args.param, Path(args.yaml).read_text() if args.yaml and Path(args.yaml).is_file() else args.yaml)
-    steps = [s.strip() for s in args.steps.split(",")] if args.steps else None
+    "Run the pipeline (or some of its steps) with papermill: a line per step as it ends, then what to do next."
+    from mlflow_nb.pipeline import STEPS, parse_parameters, read_yaml_argument, run_pipeline
+    params = parse_parameters(args.param, read_yaml_argument(args.yaml))
+    steps = [s.strip() for s in args.steps.split(",")] if args.steps else STEPS
     t0 = time.perf_counter()
     def progress(step, status, seconds): print(f"  {step:<9} {status:<9} {seconds:5.1f} s", flush=True)
-    res = run_pipeline(args.config, steps or STEPS, params, overrides, notebooks=args.notebooks, on_step=progress)
-    print(f"pipeline run   : {res.run_id} ({time.perf_counter() - t0:.1f} s)")
-    for k in ("mlflow_nb.train.version", "mlflow_nb.select.version", "mlflow_nb.promote.outcome", "mlflow_nb.promote.detail"):
-        if k in res.results: print(f"  {k.split('.', 1)[1]:<22}: {res.results[k]}")
+    res = run_pipeline(args.config, steps, params, _overrides(args), notebooks=args.notebooks, on_step=progress)
+    print(f"pipeline run   : {res.run_id} FINISHED in {time.perf_counter() - t0:.1f} s")
+    for k in ("train.version", "select.version", "promote.outcome", "promote.detail", "monitor.alerts",
+              "monitor.dataset_drift"):
+        if f"mlflow_nb.{k}" in res.results: print(f"  {k:<22}: {res.results[f'mlflow_nb.{k}']}")
+    print("next:")
+    for line in res.next_steps(): print(f"  {line}")
     return 0
 
 # %% ../nbs/19_cli.ipynb #7303dae4

@@ -6,36 +6,39 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/pipeline.html.md"""
 
 # %% ../nbs/15_pipeline.ipynb #be4ca13f
 from __future__ import annotations
-import json, logging, os, tempfile, time
+import json, logging, os, re, shlex, tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import unquote, urlparse
 
 import mlflow
 import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-import mlflow_nb
-from .core import (GIT_COMMIT, MlflowNbError, PARENT_RUN, TAG_CONFIG_DIGEST, TAG_ERROR, TAG_KIND, TAG_STARTED_RUN,
-                            TAG_STEP, error_line, redact)
+from .core import (GIT_COMMIT, MlflowNbError, PARENT_RUN, TAG_CONFIG_DIGEST, TAG_KIND, TAG_STARTED_RUN,
+                            TAG_STEP, error_line, redact, redact_url, step_tag)
 from .config import Config, ConfigError, json_typed, load_config
+from .notebooks import (KernelPool, PipelineStepFailed, find_notebooks, import_lines, preload,
+                                 run_step_notebook, step_parameters)
+from .registry import holder
 from .repro import git_state, log_environment
 from .steps import SEALED_ENV
-from .tracking import end_orphaned_runs, log_params, process_tags, setup_tracking, tracked_run
+from .tracking import Tracking, end_orphaned_runs, log_params, process_tags, setup_tracking, tracked_run
 from .train import log_config
 
 # %% auto #0
-__all__ = ['STEPS', 'RESERVED', 'log', 'PipelineStepFailed', 'parse_value', 'check_parameters', 'parse_parameters',
-           'find_notebooks', 'step_parameters', 'render_html', 'run_step_notebook', 'EnvRun', 'adopt_env_run',
-           'PipelineResult', 'run_pipeline']
+__all__ = ['STEPS', 'RESERVED', 'log', 'SECRET_URL_KEYS', 'parse_value', 'check_parameters', 'parse_parameters',
+           'read_yaml_argument', 'redact_override', 'runner_parameters', 'EnvRun', 'adopt_env_run', 'PipelinePlan',
+           'plan_pipeline', 'quiet_run_links', 'kernel_environment', 'warm_up_code', 'open_store', 'start_parent',
+           'end_open_runs', 'run_steps', 'ui_command', 'artifact_location', 'PipelineResult', 'pipeline_result',
+           'run_pipeline']
 
 # %% ../nbs/15_pipeline.ipynb #780ff625
 STEPS = ("train", "validate", "select", "promote", "monitor")
 RESERVED = ("config_dir", "tracking_uri", "parent_run_id", "run_id", "overrides")  # parameters the runner sets
 log = logging.getLogger("mlflow_nb.pipeline")
-
-class PipelineStepFailed(MlflowNbError):
-    "A step notebook failed: the message names the step, the cell and the error."
 
 # %% ../nbs/15_pipeline.ipynb #bdaaea0f
 def parse_value(raw: str  # the text after `=`
@@ -48,6 +51,7 @@ def parse_value(raw: str  # the text after `=`
         except ValueError: pass
     return raw
 
+# %% ../nbs/15_pipeline.ipynb #e4f0657e
 def check_parameters(params: dict,  # notebook parameters
                      where: str = "-p",  # how to name them in errors
                     ) -> dict:
@@ -59,6 +63,7 @@ def check_parameters(params: dict,  # notebook parameters
         except ConfigError as e: raise MlflowNbError(str(e)) from None
     return params
 
+# %% ../nbs/15_pipeline.ipynb #0c484a15
 def parse_parameters(items: list[str] = (),  # "name=value" strings (-p)
                      yaml_text: str | None = None,  # a YAML mapping (-y); the items win
                     ) -> dict:
@@ -66,84 +71,49 @@ def parse_parameters(items: list[str] = (),  # "name=value" strings (-p)
     params = {}
     if yaml_text:
         try: loaded = yaml.safe_load(yaml_text)
-        except yaml.YAMLError as e: raise MlflowNbError(f"-y: not valid YAML: {error_line(e, with_type=False)}") from None
-        if not isinstance(loaded, dict): raise MlflowNbError(f"-y: expected a mapping of parameters, got {type(loaded).__name__}")
+        except yaml.YAMLError as e:
+            raise MlflowNbError(f"-y: not valid YAML: {error_line(e, with_type=False)}") from None
+        if not isinstance(loaded, dict):
+            raise MlflowNbError(f"-y: expected a mapping of parameters, got {type(loaded).__name__}")
         params.update(check_parameters(loaded, "-y"))
     for item in items:
         k, sep, v = item.partition("=")
-        if not sep or not k.strip().isidentifier(): raise MlflowNbError(f"-p {item!r}: expected NAME=VALUE with a Python name")
+        if not sep or not k.strip().isidentifier():
+            raise MlflowNbError(f"-p {item!r}: expected NAME=VALUE with a Python name")
         params[k.strip()] = parse_value(v)
     return params
 
-# %% ../nbs/15_pipeline.ipynb #fd1bf77a
-def find_notebooks(config: Config,  # loaded configs (the step notebooks are looked for beside their folder)
-                   notebooks: str | Path | None = None,  # an explicit folder
-                  ) -> Path:
-    "The folder of step notebooks: `notebooks`, else nbs/pipeline beside the config folder or the package."
-    cands = [Path(notebooks)] if notebooks else [config.folder.parent / "nbs" / "pipeline",
-                                                  Path(mlflow_nb.__file__).resolve().parents[1] / "nbs" / "pipeline"]
-    for c in cands:
-        if (c / "train.ipynb").is_file(): return c.resolve()
-    raise MlflowNbError(f"step notebooks not found in {', '.join(map(str, cands))} (pass --notebooks DIR)")
+# %% ../nbs/15_pipeline.ipynb #e886cddf
+def read_yaml_argument(value: str | None,  # what `-y` was given: YAML text, or the path of a YAML file
+                      ) -> str | None:
+    "The YAML text `-y` stands for: the file's contents when `value` names a file, else `value` itself."
+    if not value: return value
+    try: is_file = Path(value).is_file()
+    except (OSError, ValueError): is_file = False  # text too long or too odd to be a path
+    if not is_file: return value
+    try: return Path(value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MlflowNbError(f"-y {value}: cannot read it: {error_line(e)}") from None
 
-def step_parameters(nb: Path  # a step notebook
-                   ) -> set[str]:
-    "Names declared in the `parameters` cell of notebook `nb`."
-    import papermill
-    return set(papermill.inspect_notebook(str(nb)))
+# %% ../nbs/15_pipeline.ipynb #4ca1058c
+SECRET_URL_KEYS = ("monitor.webhook_url",)  # override keys whose whole value is secret (its path may be the token)
 
-_html = None
-def render_html(nb_path: Path  # an executed notebook
-               ) -> Path:
-    "The executed notebook rendered as HTML beside it (the exporter is built once per process)."
-    global _html
-    import nbformat
-    from nbconvert import HTMLExporter
-    _html = _html or HTMLExporter()
-    body, _ = _html.from_notebook_node(nbformat.read(str(nb_path), as_version=4))
-    out = nb_path.with_suffix(".html")
-    out.write_text(body, encoding="utf-8")
-    return out
+def redact_override(item: str,  # a `-o key=value` override
+                   ) -> str:
+    "The override as it may be logged or shown: secret URLs cut to scheme and host, passwords masked."
+    key, sep, value = item.partition("=")
+    if sep and key.strip() in SECRET_URL_KEYS: return f"{key}={redact_url(value.strip()) or ''}"
+    return redact(item)
 
-# %% ../nbs/15_pipeline.ipynb #57eb5ab7
-def _execute(step: str, notebook: Path, out: Path, parameters: dict) -> str | None:
-    "Run the notebook with papermill; None, or the one-line error naming the step and cell."
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-    try:
-        papermill.execute_notebook(str(notebook), str(out), parameters=parameters, kernel_name="python3",
-                                   cwd=str(notebook.parent), progress_bar=False, log_output=False)
-    except PapermillExecutionError as e:
-        return f"step {step} failed in cell {e.exec_count}: {e.ename}: {error_line(str(e.evalue or ''), with_type=False)}"
-    except Exception as e:  # the kernel died, could not start, or timed out
-        return f"step {step} failed: {error_line(e)}"
-    return None
-
-def run_step_notebook(step: str,  # the step's name
-                      notebook: Path,  # its notebook
-                      out_dir: Path,  # where the executed copy is written
-                      parameters: dict,  # papermill parameters
-                      child_run_id: str,  # the run the step works in (ended here)
-                      client: MlflowClient,
-                     ) -> float:
-    "Execute one step notebook with papermill, log it to its run, end the run; seconds taken."
-    out, t0 = out_dir / f"{step}.ipynb", time.perf_counter()
-    try: error = _execute(step, notebook, out, parameters)
-    except BaseException:  # Ctrl-C or SIGTERM while the kernel ran
-        client.set_terminated(child_run_id, "KILLED"); raise
-    seconds = time.perf_counter() - t0
-    if out.exists():
-        client.log_artifact(child_run_id, str(out), "notebook")
-        try: client.log_artifact(child_run_id, str(render_html(out)), "notebook")
-        except Exception as e: error = error or f"step {step}: could not render its notebook: {error_line(e)}"
-    client.log_metric(child_run_id, "step_seconds", seconds)
-    if error:
-        error = redact(error)
-        client.set_tag(child_run_id, TAG_ERROR, error[:5000])
-        client.set_terminated(child_run_id, "FAILED")
-        raise PipelineStepFailed(error)
-    client.set_terminated(child_run_id, "FINISHED")
-    return seconds
+# %% ../nbs/15_pipeline.ipynb #8ef6b490
+def runner_parameters(config: Config,  # the loaded config (its tracking URI is handed to every step)
+                      overrides: list[str],  # config overrides, handed to every step
+                     ) -> tuple[dict, dict]:
+    "(the runner's parameters as the notebooks show them, {shown: real} for the values that hide a secret)."
+    real = [config.tracking_uri, *overrides]
+    shown = [redact(config.tracking_uri), *map(redact_override, overrides)]
+    params = {"config_dir": str(config.folder), "tracking_uri": shown[0], "overrides": shown[1:]}
+    return params, {s: r for s, r in zip(shown, real) if s != r}
 
 # %% ../nbs/15_pipeline.ipynb #c6d87fa0
 @dataclass
@@ -156,7 +126,8 @@ class EnvRun:
         "Tag the foreign run with the run this process started instead."
         if self.foreign: client.set_tag(self.foreign, TAG_STARTED_RUN, run_id)
 
-def adopt_env_run(client: MlflowClient,
+# %% ../nbs/15_pipeline.ipynb #9c6a9654
+def adopt_env_run(client: MlflowClient,  # a client of the pipeline's store
                   experiment_id: str,  # the experiment the pipeline logs to
                  ) -> EnvRun:
     "The MLFLOW_RUN_ID run to adopt if it belongs to `experiment_id`; the variable is removed either way."
@@ -168,39 +139,202 @@ def adopt_env_run(client: MlflowClient,
 
 # %% ../nbs/15_pipeline.ipynb #7d85436b
 @dataclass
+class PipelinePlan:
+    "A checked pipeline request: the config, the steps in order, their notebooks and what each one declares."
+    config: Config
+    steps: list[str]
+    notebooks: Path  # the folder of step notebooks
+    declared: dict[str, set[str]]  # step -> the parameters its notebook declares
+    parameters: dict  # the user's notebook parameters
+    overrides: list[str]  # config overrides, applied in every step
+
+    def notebook(self, step: str) -> Path: return self.notebooks / f"{step}.ipynb"
+
+    def parameters_for(self, step: str, shown: dict, parent_run_id: str, run_id: str) -> dict:
+        "What papermill injects into `step`'s notebook: the runner's parameters, then the user's it declares."
+        mine = {k: v for k, v in self.parameters.items() if k in self.declared[step]}
+        return {**shown, "parent_run_id": parent_run_id, "run_id": run_id, **mine}
+
+# %% ../nbs/15_pipeline.ipynb #acd01102
+def plan_pipeline(config_dir: str | Path = "configs",  # the config folder
+                  steps: list[str] = STEPS,  # which steps, in order
+                  parameters: dict | None = None,  # notebook parameters, given to the steps that declare them
+                  overrides: list[str] = (),  # config overrides, applied in every step
+                  notebooks: str | Path | None = None,  # folder of step notebooks
+                 ) -> PipelinePlan:
+    "Load the config and check the steps and parameters against the notebooks; `MlflowNbError` before anything runs."
+    steps, parameters, overrides = list(steps), dict(parameters or {}), list(overrides)
+    if not steps: raise MlflowNbError("--steps: name at least one step")
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown: raise MlflowNbError(f"--steps: unknown step {unknown[0]!r} (steps: {', '.join(STEPS)})")
+    check_parameters(parameters)
+    cfg = load_config(config_dir, overrides)
+    nb_dir = find_notebooks(cfg, notebooks)
+    declared = {s: step_parameters(nb_dir / f"{s}.ipynb") for s in steps}
+    for k in parameters:
+        if k in RESERVED: raise MlflowNbError(f"-p {k}: set by the runner; use --config/--tracking-uri/-o instead")
+        if not any(k in d for d in declared.values()):
+            raise MlflowNbError(f"-p {k}: no step takes this parameter (they take: "
+                                f"{', '.join(sorted(set().union(*declared.values()) - set(RESERVED)))})")
+    return PipelinePlan(cfg, steps, nb_dir, declared, parameters, overrides)
+
+# %% ../nbs/15_pipeline.ipynb #9e34577a
+def quiet_run_links(tracking_uri: str,  # the pipeline's store
+                   ) -> dict[str, str]:
+    "The environment that stops MLflow printing run links, when they would show the URI's password; else nothing."
+    return {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"} if redact(tracking_uri) != tracking_uri else {}
+
+# %% ../nbs/15_pipeline.ipynb #ae56e9fe
+def kernel_environment(config: Config,  # the loaded config
+                      ) -> dict:
+    "The step kernels' environment: this process's, without `mlflow run`'s run variables, store URI absolute."
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    if "MLFLOW_TRACKING_URI" in env: env["MLFLOW_TRACKING_URI"] = config.tracking_uri  # resolved once, here
+    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in the logged reports
+    return {**env, **quiet_run_links(config.tracking_uri)}
+
+# %% ../nbs/15_pipeline.ipynb #b5a323ac
+_SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # tracking stores MLflow opens with SQLAlchemy
+
+def warm_up_code(notebook: Path,  # a step notebook
+                 config: Config,  # the loaded config
+                ) -> str:
+    "What a step's kernel runs ahead of its turn: the store's client modules, the notebook's imports, the estimator's."
+    lines = []
+    if config.tracking_uri.split(":", 1)[0].split("+", 1)[0] in _SQL_SCHEMES:  # ~1 s of SQLAlchemy and alembic
+        lines.append("import mlflow.store.tracking.sqlalchemy_store, mlflow.store.model_registry.sqlalchemy_store")
+    lines.append(import_lines(notebook))
+    estimator = config.model.estimator.type
+    lines.append(f"from mlflow_nb.estimators import resolve_estimator; resolve_estimator({estimator!r})")
+    return "\n".join(l for l in lines if l)
+
+# %% ../nbs/15_pipeline.ipynb #c809088a
+def open_store(config: Config,  # the loaded config
+              ) -> tuple[Tracking, MlflowClient]:
+    "Set up tracking for the pipeline and end the runs that processes of this host left RUNNING when they died."
+    os.environ.update(quiet_run_links(config.tracking_uri))
+    tr = setup_tracking(config)
+    client = tr.client()
+    for rid in end_orphaned_runs([tr.default_experiment_id], client=client):
+        log.warning("marked run %s FAILED: the process that ran it is gone", rid)
+    return tr, client
+
+def start_parent(plan: PipelinePlan,  # the checked request
+                ) -> None:
+    "Params, environment and config of the pipeline run (the active run)."
+    log_params({"pipeline": {"steps": ",".join(plan.steps), "parameters": json.dumps(plan.parameters, sort_keys=True),
+                             "overrides": json.dumps([redact_override(o) for o in plan.overrides])}})
+    log_environment(list(plan.config.files.values()), repo=plan.config.folder)
+    log_config(plan.config)
+
+# %% ../nbs/15_pipeline.ipynb #3c283cc4
+def end_open_runs(client: MlflowClient,  # a client of the pipeline's store
+                  experiment_id: str,  # the pipeline's experiment
+                  parent_run_id: str,  # the pipeline run
+                  status: str = "KILLED",  # how to end them
+                 ) -> list[str]:
+    "End the step runs of `parent_run_id` that are still RUNNING; their ids."
+    running = client.search_runs([experiment_id], f"tags.`{PARENT_RUN}` = '{parent_run_id}' and "
+                                 "attributes.status = 'RUNNING'", max_results=1000)
+    for r in running: client.set_terminated(r.info.run_id, status)
+    return [r.info.run_id for r in running]
+
+# %% ../nbs/15_pipeline.ipynb #fee26a24
+def run_steps(plan: PipelinePlan,  # the checked request
+              parent_run_id: str,  # the pipeline run
+              experiment_id: str,  # where the step runs go
+              client: MlflowClient,  # a client of the store
+              kernels: KernelPool,  # kernel i runs step i
+              on_step: Callable[[str, str, float], None] | None = None,  # called with (step, status, seconds)
+             ) -> tuple[dict[str, str], dict[str, float]]:
+    "Run each step's notebook in a child run, in order; ({step: run id}, {step: seconds})."
+    shown, _ = runner_parameters(plan.config, plan.overrides)
+    git, step_runs, seconds = git_state(plan.config.folder) or {}, {}, {}
+    report = on_step or (lambda *a: None)
+    preload()  # while the first kernel starts
+    with tempfile.TemporaryDirectory() as out_dir:
+        for i, s in enumerate(plan.steps):
+            t0 = time.perf_counter()
+            try:
+                step_runs[s] = child = client.create_run(experiment_id, run_name=s, tags={
+                    PARENT_RUN: parent_run_id, TAG_KIND: "step", TAG_STEP: s, **process_tags(),
+                    **({GIT_COMMIT: git["commit"]} if git else {})}).info.run_id
+                kernel = kernels.take(i)
+                params = plan.parameters_for(s, shown, parent_run_id, child)
+                seconds[s] = run_step_notebook(s, plan.notebook(s), Path(out_dir), params, child, client, kernel)
+                kernels.release(kernel)
+            except PipelineStepFailed as e:
+                report(s, "FAILED", e.seconds); raise
+            except BaseException as e:
+                status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+                end_open_runs(client, experiment_id, parent_run_id, status)
+                report(s, status, time.perf_counter() - t0); raise
+            report(s, "FINISHED", seconds[s])
+            mlflow.log_metric(f"step_seconds_{s}", seconds[s])
+    return step_runs, seconds
+
+# %% ../nbs/15_pipeline.ipynb #56bebba7
+def ui_command(tracking_uri: str,  # the store the runs are in
+              ) -> str:
+    "How to see the runs of `tracking_uri` in MLflow's UI (credentials never shown)."
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {re.sub(r'//[^/@]*@', '//', tracking_uri)} in a browser"
+    return f"mlflow ui --backend-store-uri {shlex.quote(redact(tracking_uri))}"
+
+# %% ../nbs/15_pipeline.ipynb #d3e245c1
+def artifact_location(client: MlflowClient,  # a client of the store
+                      uri: str,  # runs:/<run id>/<path>
+                     ) -> str:
+    "A local file path for a `runs:/` artifact URI when the run's artifacts are on this machine, else the URI."
+    m = re.match(r"^runs:/([^/]+)/(.+)$", uri or "")
+    if not m: return uri
+    try: root = client.get_run(m[1]).info.artifact_uri
+    except MlflowException: return uri
+    parsed = urlparse(root)
+    if parsed.scheme not in ("", "file"): return uri
+    path = Path(unquote(parsed.path)) / m[2]
+    return str(path) if path.exists() else uri
+
+# %% ../nbs/15_pipeline.ipynb #f1304bfb
+@dataclass
 class PipelineResult:
     "What a pipeline run did."
     run_id: str
     step_runs: dict[str, str]  # step -> its run id
     seconds: dict[str, float]  # step -> seconds its notebook took
     results: dict[str, str] = field(default_factory=dict)  # what the steps recorded (mlflow_nb.<step>.<key> tags)
+    ui: str = ""  # how to open MLflow's UI on the pipeline's store
+    champion: str | None = None  # models:/name@alias, when a version holds the alias after the run
+    champion_version: str | None = None
+    report: str | None = None  # the monitoring report: a local file, or a runs:/ URI
 
-def _check_request(steps, parameters: dict, declared: dict[str, set[str]]) -> None:
-    "Refuse unknown steps and parameters no step declares, before anything runs."
-    unknown = [s for s in steps if s not in STEPS]
-    if unknown: raise MlflowNbError(f"--steps: unknown step {unknown[0]!r} (steps: {', '.join(STEPS)})")
-    check_parameters(parameters)
-    for k in parameters:
-        if k in RESERVED: raise MlflowNbError(f"-p {k}: set by the runner; use --config/--tracking-uri/-o instead")
-        if not any(k in d for d in declared.values()):
-            raise MlflowNbError(f"-p {k}: no step takes this parameter (they take: "
-                                f"{', '.join(sorted(set().union(*declared.values()) - set(RESERVED)))})")
+    def next_steps(self) -> list[str]:
+        "What a person can do next, one line each."
+        lines = [f"open the UI         : {self.ui}"] if self.ui else []
+        if self.champion:
+            lines.append(f"load the champion   : mlflow.pyfunc.load_model({self.champion!r})"
+                         f"  (version {self.champion_version})")
+        if self.report: lines.append(f"monitoring report   : {self.report}")
+        return lines
 
-def _sealed(cfg: Config, overrides: list[str]) -> tuple[dict, dict]:
-    "(runner parameters as the notebooks show them, {shown: real} for the values that carry a secret)."
-    real = {"tracking_uri": cfg.tracking_uri, "overrides": list(overrides)}
-    shown = {"tracking_uri": redact(cfg.tracking_uri), "overrides": [redact(o) for o in overrides]}
-    pairs = {redact(v): v for v in [cfg.tracking_uri, *overrides] if redact(v) != v}
-    return shown, pairs
+# %% ../nbs/15_pipeline.ipynb #8030dbc3
+def pipeline_result(plan: PipelinePlan,  # the request that ran
+                    client: MlflowClient,  # a client of the store
+                    run_id: str,  # the pipeline run
+                    step_runs: dict[str, str], seconds: dict[str, float],  # as `run_steps` returns them
+                   ) -> PipelineResult:
+    "The pipeline's result: its runs, what the steps recorded, the champion and the report, read back from the store."
+    results = {k: v for k, v in client.get_run(run_id).data.tags.items()
+               if k.startswith("mlflow_nb.") and k.count(".") == 2}
+    mc = plan.config.model
+    try: champ = holder(mc.estimator.name, mc.promotion.alias, client)
+    except MlflowException: champ = None
+    report = results.get(step_tag("monitor", "report"))
+    return PipelineResult(run_id, step_runs, seconds, results, ui_command(plan.config.tracking_uri),
+                          champ and f"models:/{mc.estimator.name}@{mc.promotion.alias}", champ and str(champ.version),
+                          report and artifact_location(client, report))
 
-def _start_parent(cfg: Config, steps, parameters: dict, overrides: list[str]) -> None:
-    "Params, environment and config of the pipeline run (the active run)."
-    log_params({"pipeline": {"steps": ",".join(steps), "parameters": json.dumps(parameters, sort_keys=True),
-                             "overrides": json.dumps([redact(o) for o in overrides])}})
-    log_environment(list(cfg.files.values()), repo=cfg.folder)
-    log_config(cfg)
-
-# %% ../nbs/15_pipeline.ipynb #acd01102
+# %% ../nbs/15_pipeline.ipynb #1df3216a
 def run_pipeline(config_dir: str | Path = "configs",  # the config folder
                  steps: list[str] = STEPS,  # which steps, in order
                  parameters: dict | None = None,  # notebook parameters, given to the steps that declare them
@@ -208,42 +342,20 @@ def run_pipeline(config_dir: str | Path = "configs",  # the config folder
                  notebooks: str | Path | None = None,  # folder of step notebooks
                  run_name: str = "pipeline",  # the parent run's name
                  tags: dict | None = None,  # extra tags of the parent run
-                 on_step: Callable[[str, str, float], None] | None = None,  # called with (step, status, seconds) as each ends
+                 on_step: Callable[[str, str, float], None] | None = None,  # called with (step, status, seconds)
                 ) -> PipelineResult:
     "Run the step notebooks with papermill as child runs of one pipeline run."
-    parameters, overrides = dict(parameters or {}), list(overrides)
-    if not steps: raise MlflowNbError("--steps: name at least one step")
-    cfg = load_config(config_dir, overrides)
-    nb_dir = find_notebooks(cfg, notebooks)
-    declared = {s: step_parameters(nb_dir / f"{s}.ipynb") for s in steps if s in STEPS}
-    _check_request(steps, parameters, declared)
-    tr = setup_tracking(cfg)
-    client = tr.client()
-    for rid in end_orphaned_runs([tr.default_experiment_id], client=client):
-        log.warning("marked run %s FAILED: the process that ran it is gone", rid)
-    shown, sealed = _sealed(cfg, overrides)
-    os.environ[SEALED_ENV] = json.dumps(sealed)  # the step kernels inherit it; the notebooks show only `shown`
-    env_run = adopt_env_run(client, tr.default_experiment_id)
-    ptags = {TAG_KIND: "pipeline", TAG_CONFIG_DIGEST: cfg.digest, **(tags or {})}
-    git, step_runs, seconds = git_state(cfg.folder) or {}, {}, {}
-    with tracked_run(run_name, run_id=env_run.run_id, experiment_id=tr.default_experiment_id, tags=ptags) as parent:
-        mlflow.set_tags(ptags)
-        env_run.link(client, parent.info.run_id)
-        _start_parent(cfg, steps, parameters, overrides)
-        with tempfile.TemporaryDirectory() as out_dir:
-            for s in steps:
-                child = client.create_run(tr.default_experiment_id, run_name=s, tags={
-                    PARENT_RUN: parent.info.run_id, TAG_KIND: "step", TAG_STEP: s, **process_tags(),
-                    **({GIT_COMMIT: git["commit"]} if git else {})}).info.run_id
-                step_runs[s] = child
-                params = {"config_dir": str(cfg.folder), "parent_run_id": parent.info.run_id, "run_id": child, **shown,
-                          **{k: v for k, v in parameters.items() if k in declared[s]}}
-                try: seconds[s] = run_step_notebook(s, nb_dir / f"{s}.ipynb", Path(out_dir), params, child, client)
-                except PipelineStepFailed:
-                    if on_step: on_step(s, "FAILED", 0.0)
-                    raise
-                if on_step: on_step(s, "FINISHED", seconds[s])
-                mlflow.log_metric(f"step_seconds_{s}", seconds[s])
-        results = {k: v for k, v in client.get_run(parent.info.run_id).data.tags.items()
-                   if k.startswith("mlflow_nb.") and k.count(".") == 2}
-    return PipelineResult(parent.info.run_id, step_runs, seconds, results)
+    plan = plan_pipeline(config_dir, steps, parameters, overrides, notebooks)
+    _, sealed = runner_parameters(plan.config, plan.overrides)
+    os.environ[SEALED_ENV] = json.dumps(sealed)  # the step kernels inherit it; the notebooks show the redacted form
+    warm_up = [warm_up_code(plan.notebook(s), plan.config) for s in plan.steps]
+    with KernelPool(plan.notebooks, warm_up, kernel_environment(plan.config)) as kernels:
+        tr, client = open_store(plan.config)
+        env_run = adopt_env_run(client, tr.default_experiment_id)
+        ptags = {TAG_KIND: "pipeline", TAG_CONFIG_DIGEST: plan.config.digest, **(tags or {})}
+        with tracked_run(run_name, run_id=env_run.run_id, experiment_id=tr.default_experiment_id, tags=ptags) as parent:
+            mlflow.set_tags(ptags)
+            env_run.link(client, parent.info.run_id)
+            start_parent(plan)
+            step_runs, seconds = run_steps(plan, parent.info.run_id, tr.default_experiment_id, client, kernels, on_step)
+    return pipeline_result(plan, client, parent.info.run_id, step_runs, seconds)

@@ -1,4 +1,4 @@
-"""What the pipeline's step notebooks call: start a step in the run the runner gave it, do its work, record its results for the later steps
+"""What the step notebooks call: start a step in the run it was given, do its work, record and show its results
 
 Docs: https://mlflow-nb.github.io/mlflow_nb/steps.html.md"""
 
@@ -6,33 +6,39 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/steps.html.md"""
 
 # %% ../nbs/14_steps.ipynb #6c7d9ec5
 from __future__ import annotations
-import json, os, time
-from dataclasses import dataclass
+import io, json, math, os, time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from .core import MlflowNbError, REDACTED, TAG_KIND, TAG_REGISTERED_VERSION, TAG_STEP, step_tag
-from .config import Config, load_config, resolve_uri
-from .registry import PromotionRefused, holder, promote, select_best_run
+from .config import Bound, Config, load_config, resolve_uri
+from .metrics import get_metric
+from .registry import PromotionRefused, compare_models, holder, promote, select_best_run
 from .tracking import Tracking, process_tags, setup_tracking
 from .train import cross_val_metrics, prepare_data, train_model
 
 # %% auto #0
-__all__ = ['SEALED_ENV', 'unseal', 'Step', 'start_step', 'finish_step', 'train_step', 'validate_step', 'select_step',
-           'promote_step', 'monitor_step']
+__all__ = ['SEALED_ENV', 'unseal', 'Step', 'start_step', 'finish_step', 'train_step', 'figure_png', 'show_figures',
+           'metrics_table', 'validate_step', 'fold_table', 'fold_figure', 'select_step', 'leaderboard',
+           'PromotionOutcome', 'gate_table', 'promote_step', 'monitor_step']
 
 # %% ../nbs/14_steps.ipynb #f04d72e3
 SEALED_ENV = "MLFLOW_NB_SEALED"
 
-def unseal(value):
+# %% ../nbs/14_steps.ipynb #73c10cbc
+def unseal(value,  # a step parameter: text, a list of texts, or anything else
+          ):
     "The real value behind a redacted step parameter (strings and lists of strings); anything else unchanged."
     if isinstance(value, list): return [unseal(v) for v in value]
     if not isinstance(value, str) or REDACTED not in value: return value
     sealed = json.loads(os.environ.get(SEALED_ENV) or "{}")
-    if value not in sealed: raise MlflowNbError(f"parameter {value!r} is redacted and its real value was not handed to this kernel")
+    if value not in sealed:
+        raise MlflowNbError(f"parameter {value!r} is redacted and its real value was not handed to this kernel")
     return sealed[value]
 
 # %% ../nbs/14_steps.ipynb #e525d6d7
@@ -40,8 +46,8 @@ def unseal(value):
 class Step:
     "What a step notebook works with."
     name: str  # the step: train, validate, select, promote or monitor
-    config: Config
-    tracking: Tracking
+    config: Config  # the loaded configs, overrides applied
+    tracking: Tracking  # the store and experiments
     run_id: str  # this step's run
     parent_run_id: str | None  # the pipeline's run (None when the notebook runs standalone)
     standalone: bool  # True when the notebook created its own run
@@ -60,6 +66,7 @@ class Step:
         if not self.parent_run_id: return None
         return self.client.get_run(self.parent_run_id).data.tags.get(step_tag(step, key))
 
+# %% ../nbs/14_steps.ipynb #922652c3
 def _fail_on_cell_error(step: Step) -> None:
     "In IPython, end a standalone step's run as FAILED when a cell raises."
     try: ip = get_ipython()  # noqa: F821  (defined inside IPython only)
@@ -89,7 +96,9 @@ def start_step(name: str,  # the step's name
     if standalone: _fail_on_cell_error(step)
     return step
 
-def finish_step(step: Step) -> None:
+# %% ../nbs/14_steps.ipynb #88296b4b
+def finish_step(step: Step,  # the started step
+               ) -> None:
     "End a standalone step's run as FINISHED (the runner ends the runs it created itself)."
     if step.standalone and step.client.get_run(step.run_id).info.status == "RUNNING":
         step.client.set_terminated(step.run_id, "FINISHED")
@@ -104,12 +113,67 @@ def train_step(step: Step,  # the started step
     return res
 
 # %% ../nbs/14_steps.ipynb #c2b3947a
-def validate_step(step: Step) -> dict[str, float]:
+def figure_png(fig,  # a matplotlib figure
+               dpi: int = 90,  # resolution of the image
+              ) -> bytes:
+    "The figure as PNG bytes."
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+# %% ../nbs/14_steps.ipynb #101dba49
+def show_figures(figures: dict,  # name -> matplotlib figure, as `TrainResult.figures` holds them
+                ) -> None:
+    "Display each figure as a PNG image: an image output the executed notebook and its HTML keep."
+    from IPython.display import Image, display
+    for fig in figures.values(): display(Image(data=figure_png(fig)))
+
+# %% ../nbs/14_steps.ipynb #5deb5656
+def metrics_table(metrics: dict[str, float],  # metric name -> value
+                 ) -> pd.DataFrame:
+    "The metrics as a table, with each metric's direction."
+    rows = [{"metric": k, "value": v, "better": _direction(k)} for k, v in metrics.items()]
+    return pd.DataFrame(rows, columns=["metric", "value", "better"]).set_index("metric")
+
+def _direction(metric: str) -> str:
+    try: return get_metric(metric).direction
+    except MlflowNbError: return ""
+
+# %% ../nbs/14_steps.ipynb #fbe7cc21
+def validate_step(step: Step,  # the started step
+                 ) -> dict[str, float]:
     "Cross-validate the configured model; the summary also goes to the train step's run, for the promotion gates."
     summary = cross_val_metrics(step.config, run_id=step.run_id)
     train_run = step.result_of("train", "run_id")
-    if train_run: step.client.log_batch(train_run, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in summary.items()])
+    if train_run:
+        now = int(time.time() * 1000)
+        step.client.log_batch(train_run, metrics=[Metric(k, v, now, 0) for k, v in summary.items()])
     return summary
+
+# %% ../nbs/14_steps.ipynb #2971272b
+def fold_table(step: Step,  # a validate step that has run
+              ) -> pd.DataFrame:
+    "Per-fold cross-validation metrics as the step logged them (`cv_<metric>` at step = fold), then mean and std."
+    cols = {m: {h.step: h.value for h in step.client.get_metric_history(step.run_id, f"cv_{m}")}
+            for m in step.config.model.metrics}
+    t = pd.DataFrame(cols).sort_index()
+    t.index = [f"fold {i}" for i in t.index]
+    return pd.concat([t, t.mean().to_frame("mean").T, t.std(ddof=0).to_frame("std").T])
+
+# %% ../nbs/14_steps.ipynb #43906791
+def fold_figure(folds: pd.DataFrame,  # as `fold_table` returns it
+               ):
+    "Each metric per fold (bars) against its mean (line): how much the estimate moves with the split."
+    from matplotlib.figure import Figure
+    per_fold = folds.drop(index=["mean", "std"])
+    fig = Figure(figsize=(3.2 * len(per_fold.columns), 3), layout="constrained")
+    for ax, m in zip(fig.subplots(1, len(per_fold.columns), squeeze=False)[0], per_fold.columns):
+        ax.bar(range(len(per_fold)), per_fold[m], color="#7aa6d8")
+        ax.axhline(folds.loc["mean", m], color="k", ls="--", lw=1, label="mean")
+        ax.set(title=f"{m} per fold (std {folds.loc['std', m]:.3g})", xticks=range(len(per_fold)))
+        ax.set_xticklabels([str(i) for i in range(len(per_fold))]); ax.set_xlabel("fold")
+        ax.legend(fontsize=8)
+    return fig
 
 # %% ../nbs/14_steps.ipynb #0fe2884c
 def select_step(step: Step,  # the started step
@@ -128,11 +192,69 @@ def select_step(step: Step,  # the started step
     return run, version
 
 # %% ../nbs/14_steps.ipynb #30da9a4f
+def leaderboard(step: Step,  # the started select step
+                selected_run_id: str,  # the run the step selected (marked)
+                metric: str = "",  # rank by this metric (default: the primary metric)
+                top: int = 10,  # at most this many runs
+               ) -> pd.DataFrame:
+    "The finished training runs of the experiment ranked by `metric`, best first, the selected run marked."
+    metric = metric or step.config.model.primary_metric
+    best = step.client.get_run(selected_run_id).data.metrics[metric]
+    t = compare_models(step.tracking.experiment_names["default"], best, metric, client=step.client).head(top)
+    return pd.DataFrame({"run": t.run_name.values, "run_id": t.run_id.values, metric: t.value.values,
+                         "vs selected": t.improvement.values,
+                         "selected": ["✓" if r == selected_run_id else "" for r in t.run_id]},
+                        index=pd.RangeIndex(1, len(t) + 1, name="rank"))
+
+# %% ../nbs/14_steps.ipynb #b99dbce7
+@dataclass
+class PromotionOutcome:
+    "What the promote step did, and the gates it judged the version by."
+    outcome: str  # promoted, refused or unchanged
+    version: str  # the candidate version
+    alias: str  # the alias it was to get
+    detail: str  # the previous holder, or why it was refused
+    gates: pd.DataFrame = field(default=None, repr=False)  # each gate: value, threshold, passed
+
+    def _repr_markdown_(self) -> str:
+        say = {"promoted": f"version {self.version} now holds @{self.alias}",
+               "unchanged": f"version {self.version} already holds @{self.alias}",
+               "refused": f"version {self.version} did not get @{self.alias}"}[self.outcome]
+        return f"**{self.outcome}**: {say} ({self.detail})"
+
+# %% ../nbs/14_steps.ipynb #1946b130
+def _bound_text(b: Bound) -> str:
+    if b.min is not None and b.max is not None: return f"between {b.min:g} and {b.max:g}"
+    return f"<= {b.max:g}" if b.max is not None else f">= {b.min:g}"
+
+def gate_table(step: Step,  # a started promote step
+               version: str,  # the candidate version
+              ) -> pd.DataFrame:
+    "Each promotion gate for `version`: what it checks, the version's value, the threshold, whether it passes."
+    mc, client = step.config.model, step.client
+    run = client.get_run(client.get_model_version(mc.estimator.name, str(version)).run_id)
+    m = run.data.metrics
+    rows = [("run finished", run.info.status, "FINISHED", run.info.status == "FINISHED")]
+    for name, b in mc.promotion.thresholds.items():
+        v = m.get(name, math.nan)
+        ok = not math.isnan(v) and (b.max is None or v <= b.max) and (b.min is None or v >= b.min)
+        rows.append((name, v, _bound_text(b), ok))
+    champ = holder(mc.estimator.name, mc.promotion.alias, client)
+    if champ is not None and str(champ.version) != str(version):
+        spec, v = get_metric(mc.primary_metric), m.get(mc.primary_metric, math.nan)
+        cv = client.get_run(champ.run_id).data.metrics.get(mc.primary_metric)
+        ok = not math.isnan(v) and (cv is None or spec.is_better(v, cv, mc.promotion.min_delta))
+        need = f"{'>' if spec.greater_is_better else '<'} {cv:.6g}" if cv is not None else "any"
+        by = f" by {mc.promotion.min_delta:g}" if mc.promotion.min_delta else ""
+        rows.append((f"beats version {champ.version} on {mc.primary_metric}", v, need + by, ok))
+    return pd.DataFrame(rows, columns=["gate", "value", "threshold", "passed"])
+
+# %% ../nbs/14_steps.ipynb #c35df173
 def promote_step(step: Step,  # the started step
                  version: str = "",  # the version to promote (default: the one the select step chose)
                  reason: str = "pipeline",  # recorded with the promotion
                  require: bool = False,  # raise PromotionRefused when a gate fails (default: record the refusal)
-                ) -> dict:
+                ) -> PromotionOutcome:
     "Promote the selected version behind the configured gates; the outcome is recorded (and raised when `require`)."
     mc = step.config.model
     version = str(version or step.result_of("select", "version") or "")
@@ -140,24 +262,24 @@ def promote_step(step: Step,  # the started step
         run = select_best_run(step.tracking.experiment_names["default"], mc.primary_metric)
         version = run.data.tags.get(TAG_REGISTERED_VERSION, "")
     if not version: raise MlflowNbError("promote: no version to promote (run the train and select steps first)")
-    current = holder(mc.estimator.name, mc.promotion.alias)
+    gates, current = gate_table(step, version), holder(mc.estimator.name, mc.promotion.alias)  # before any move
     if current is not None and str(current.version) == version:
-        outcome = {"outcome": "unchanged", "version": version, "detail": f"version {version} already holds @{mc.promotion.alias}"}
+        outcome, detail = "unchanged", "nothing to do"
     else:
         try:
             res = promote(mc.estimator.name, version, mc.promotion, mc.primary_metric, reason=reason)
-            outcome = {"outcome": "promoted", "version": version, "detail": f"previous: {res.previous_version or 'none'}"}
+            outcome, detail = "promoted", f"previous: {res.previous_version or 'none'}"
         except PromotionRefused as e:
             if require: raise
-            outcome = {"outcome": "refused", "version": version, "detail": str(e)}
-    step.record_results(**outcome)
-    return outcome
+            outcome, detail = "refused", str(e)
+    step.record_results(outcome=outcome, version=version, detail=detail)
+    return PromotionOutcome(outcome, version, mc.promotion.alias, detail, gates)
 
-# %% ../nbs/14_steps.ipynb #b99dbce7
+# %% ../nbs/14_steps.ipynb #9f4ad904
 def monitor_step(step: Step,  # the started step
                  current: str = "",  # a CSV/Parquet file, 'serving', or empty for the held-out split
                 ):
-    "Check `current` against the champion: drift, performance, alerts."
+    "Check `current` against the champion: drift, performance, alerts, a report logged with the step's run."
     from mlflow_nb.monitor import load_current, run_check
     mc = step.config.model
     if holder(mc.estimator.name, mc.promotion.alias) is None:
@@ -167,8 +289,9 @@ def monitor_step(step: Step,  # the started step
     else:  # the held-out split stands in for fresh, labelled data
         s = prepare_data(step.config).split
         frame, preds = s.X_test.assign(**{mc.data.target: s.y_test}), None
-    res = run_check(mc.estimator.name, mc.promotion.alias, frame, step.config.serving.monitor, mc.metrics, target=mc.data.target,
-                    predictions=preds, run_id=step.run_id, source=current or "held-out split")
+    res = run_check(mc.estimator.name, mc.promotion.alias, frame, step.config.serving.monitor, mc.metrics,
+                    target=mc.data.target, predictions=preds, run_id=step.run_id, source=current or "held-out split")
     step.record_results(model_uri=f"models:/{mc.estimator.name}@{mc.promotion.alias}", alerts=len(res.alerts),
-                        dataset_drift=str(res.drift.dataset_drift).lower())
+                        dataset_drift=str(res.drift.dataset_drift).lower(),
+                        report=f"runs:/{step.run_id}/monitoring/{Path(res.report_path).name}")
     return res
