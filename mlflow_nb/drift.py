@@ -272,9 +272,10 @@ def drift_charts(drift: DriftReport,  # the drift report
                  current: pd.DataFrame,  # the current rows
                  predictions=None,  # the model's predictions for them
                 ) -> dict[str, bytes]:
-    "A PNG chart per drifted column (and the prediction, when it drifted)."
-    out = {}
-    for c in drift.table[drift.table.drifted].column:
+    "A PNG chart per drifted column, and one of the predictions whenever there are predictions."
+    out, cols = {}, list(drift.table[drift.table.drifted].column)
+    if predictions is not None and "prediction" in profile and "prediction" not in cols: cols.append("prediction")
+    for c in cols:
         p = profile["prediction"] if c == "prediction" else profile["features"][c]
         out[c] = figure_png(drift_chart(p, predictions if c == "prediction" else current[c], c))
     return out

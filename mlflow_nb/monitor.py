@@ -119,9 +119,9 @@ class CheckResult:
     model: str  # models:/name@alias
     version: str  # the version the alias named
     drift: DriftReport  # per-column drift
-    performance: pd.DataFrame | None  # one row per configured metric; None without labels
+    performance: pd.DataFrame | None  # one row per configured metric (its note says why one was not checked)
     alerts: list[Alert]  # what was raised
-    charts: dict[str, bytes] = field(default_factory=dict)  # PNG per drifted column
+    charts: dict[str, bytes] = field(default_factory=dict)  # PNG per drifted column, and of the predictions
     unlabelled: str = ""  # why performance was not checked
     reference: dict = field(default_factory=dict)  # the profile's rows and created_at
     sink_errors: list[str] = field(default_factory=list)  # sinks that failed
@@ -196,7 +196,7 @@ def report_html(result: CheckResult,  # a check
             f"<p class='verdict{' drift' if d.dataset_drift or result.alerts else ''}'>{esc(result.model)} (version "
             f"{esc(result.version)}): {esc(d.verdict)}</p><p>{d.rows:,} current rows"
             + (f" compared with a reference of {ref:,} training rows" if ref else "") + f".</p><h3>Alerts</h3>{alerts}"
-            f"<h3>Performance</h3>{perf}" + (f"<h3>Drifted columns</h3>{figs}" if charts else "")
+            f"<h3>Performance</h3>{perf}" + (f"<h3>Distributions</h3>{figs}" if charts else "")
             + f"<h3>All columns</h3>{_table(table, 'drifted')}</div>")
 
 # %% ../nbs/13_monitor.ipynb #dbb33894
@@ -314,8 +314,8 @@ def run_check(model_name: str,  # registered model
     scored = _score_current(f"models:/{model_name}/{mv.version}", X, predictions, needs_proba)
     drift = drift_report(profile, X, monitor, scored.predictions)
     training = client.get_run(mv.run_id).data.metrics
-    perf = None if y is None else performance_check(metric_values(metrics, y, scored), training,
-                                                    monitor.performance_tolerance)
+    values = {m: f"not checked: {unlabelled}" for m in metrics} if y is None else metric_values(metrics, y, scored)
+    perf = performance_check(values, training, monitor.performance_tolerance)  # every configured metric has its row
     ref = f"models:/{model_name}/{alias}" if str(alias).isdigit() else f"models:/{model_name}@{str(alias).lstrip('@')}"
     result = CheckResult(ref, str(mv.version), drift, perf,
                          alerts_from(drift, perf, monitor), drift_charts(drift, profile, X, scored.predictions),

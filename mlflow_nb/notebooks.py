@@ -87,14 +87,16 @@ def import_lines(nb: Path  # a notebook
 def notebook_html_exporter():
     "nbconvert's HTML exporter, built once per process (its templates take a moment to load)."
     from nbconvert import HTMLExporter
-    return HTMLExporter()
+    # the page must render offline, from an artifact store: no require.js or MathJax from a CDN
+    return HTMLExporter(require_js_url="data:,", mathjax_url="data:,")
 
 # %% ../nbs/14a_notebooks.ipynb #b226313d
 def render_notebook_html(nb_path: Path  # an executed notebook
                         ) -> Path:
     "The executed notebook rendered as HTML beside it."
     import nbformat
-    body, _ = notebook_html_exporter().from_notebook_node(nbformat.read(str(nb_path), as_version=4))
+    nb = nbformat.read(str(nb_path), as_version=4)
+    body, _ = notebook_html_exporter().from_notebook_node(nb, resources={"metadata": {"name": nb_path.stem}})
     out = nb_path.with_suffix(".html")
     out.write_text(body, encoding="utf-8")
     return out

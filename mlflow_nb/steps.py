@@ -277,7 +277,7 @@ def promote_step(step: Step,  # the started step
 
 # %% ../nbs/14_steps.ipynb #9f4ad904
 def monitor_step(step: Step,  # the started step
-                 current: str = "",  # a CSV/Parquet file, 'serving', or empty for the held-out split
+                 current: str = "",  # a CSV/Parquet file, 'serving', or empty: the held-out split, labels withheld
                 ):
     "Check `current` against the champion: drift, performance, alerts, a report logged with the step's run."
     from mlflow_nb.monitor import load_current, run_check
@@ -286,11 +286,11 @@ def monitor_step(step: Step,  # the started step
         raise MlflowNbError(f"monitor: no version of {mc.estimator.name} holds @{mc.promotion.alias} yet")
     if current:
         frame, preds = load_current(current, mc.estimator.name)
-    else:  # the held-out split stands in for fresh, labelled data
-        s = prepare_data(step.config).split
-        frame, preds = s.X_test.assign(**{mc.data.target: s.y_test}), None
+    else:  # the rows the champion was evaluated on: a drift smoke test, their labels withheld
+        frame, preds = prepare_data(step.config).split.X_test, None
     res = run_check(mc.estimator.name, mc.promotion.alias, frame, step.config.serving.monitor, mc.metrics,
-                    target=mc.data.target, predictions=preds, run_id=step.run_id, source=current or "held-out split")
+                    target=mc.data.target, predictions=preds, run_id=step.run_id,
+                    source=current or "held-out split of the training data (labels withheld)")
     step.record_results(model_uri=f"models:/{mc.estimator.name}@{mc.promotion.alias}", alerts=len(res.alerts),
                         dataset_drift=str(res.drift.dataset_drift).lower(),
                         report=f"runs:/{step.run_id}/monitoring/{Path(res.report_path).name}")

@@ -187,8 +187,6 @@ def _stderr_texts(nb):
             if o.get("name") == "stderr"]
 
 
-@pytest.mark.xfail(strict=True, reason="the monitor step's drift charts come from the monitor module's display "
-                                       "functions (in progress, issue 15.2); the step notebook shows its tables now")
 def test_monitor_notebook_shows_drift_charts(finished_pipeline):
     client = finished_pipeline["client"]
     [parent] = _pipeline_runs(client)
@@ -206,8 +204,6 @@ def test_secrets_are_in_nothing_logged_or_printed(finished_pipeline):
     assert YAML_TOKEN not in fp["stdout"] + fp["stderr"]
 
 
-@pytest.mark.xfail(strict=True, reason="repro.log_environment logs the config files as they are (configs/*.yaml of the "
-                                       "pipeline and train runs): a token URL written in serving_config.yaml is kept")
 def test_a_secret_written_in_a_config_file_is_not_logged(finished_pipeline):
     logged = _everything_logged(finished_pipeline["client"], ["development", "production"], "diabetes_regressor")
     assert YAML_TOKEN not in logged
