@@ -180,22 +180,29 @@ def cmd_run(args) -> int:
     return 0
 
 # %% ../nbs/19_cli.ipynb #904e8af5
-@command("sweep", "train a grid of configs in parallel processes", [
+@command("sweep", "search a space of configs (grid, random, TPE) on Dask, each trial a child run", [
     Arg("-g", "--grid", action="append", default=[], metavar="KEY=V1,V2", help="config key and values (repeatable)"),
-    Arg("--grid-file", metavar="FILE", help="YAML mapping of config key: [values]"),
-    Arg("--workers", type=int, default=2, help="parallel worker processes (default 2)"),
+    Arg("--space", metavar="FILE", help="YAML search space, key: [values] | {int: [lo, hi]} | "
+                                         "{float: [lo, hi], log: true} | {choice: [...]}"),
+    Arg("--grid-file", metavar="FILE", help="the same as --space (kept for grids)"),
+    Arg("--search", default="grid", choices=["grid", "random", "tpe"], help="how to pick trials (default grid)"),
+    Arg("--trials", type=int, metavar="N", help="how many trials (default: the grid's size; 20 for random and tpe)"),
+    Arg("--workers", type=int, default=2, help="worker processes of the local Dask cluster (default 2)"),
+    Arg("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler, e.g. tcp://host:8786 "
+                                               "(default: DASK_SCHEDULER_ADDRESS, else a local cluster)"),
+    Arg("--study-storage", metavar="URL", help="Optuna RDB storage to resume or join a study, e.g. postgresql://..."),
+    Arg("--study-name", metavar="NAME", help="the study's name in --study-storage (default: MODEL-SEARCH)"),
     Arg("--top", type=int, default=10, help="rows of the summary table"),
     Arg("--quiet", action="store_true", help="no progress bar"),
-])
+], exclusive=("space", "grid_file"))
 def cmd_sweep(args) -> int:
-    "Train every combination of a parameter grid in parallel processes."
-    from mlflow_nb.sweep import parse_grid, run_sweep
-    grid_text = None
-    if args.grid_file:
-        if not Path(args.grid_file).is_file(): raise MlflowNbError(f"--grid-file: {args.grid_file}: file not found")
-        grid_text = Path(args.grid_file).read_text()
-    grid = parse_grid(args.grid, grid_text)
-    sweep_id, table = run_sweep(args.config, grid, workers=args.workers, overrides=_overrides(args), progress=not args.quiet)
+    "Search a space of configs on Dask; print the trials, best first."
+    from mlflow_nb.sweep import run_sweep, search_space
+    flag, path = ("--space", args.space) if args.space else ("--grid-file", args.grid_file)
+    if path and not Path(path).is_file(): raise MlflowNbError(f"{flag}: {path}: file not found")
+    space = search_space(args.grid, Path(path).read_text() if path else None, where=f"{flag} {path}")
+    sweep_id, table = run_sweep(args.config, space, args.search, args.trials, args.workers, _overrides(args),
+                                args.scheduler, args.study_storage, args.study_name, progress=not args.quiet)
     print(f"sweep run      : {sweep_id}")
     print(table.head(args.top).to_string(index=False))
     failed = int((table.status != "FINISHED").sum())
