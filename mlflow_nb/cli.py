@@ -14,8 +14,8 @@ from .config import load_config, resolve_uri
 
 # %% auto #0
 __all__ = ['COMMON', 'COMMANDS', 'Arg', 'command', 'config_from_args', 'configured', 'cmd_init', 'cmd_train', 'cmd_select',
-           'cmd_promote', 'cmd_rollback', 'cmd_history', 'cmd_run', 'cmd_sweep', 'cmd_reproduce', 'cmd_serve',
-           'cmd_monitor', 'cmd_cleanup', 'build_parser', 'main']
+           'cmd_promote', 'cmd_rollback', 'cmd_history', 'cmd_run', 'cmd_sweep', 'cmd_predict', 'cmd_reproduce',
+           'cmd_serve', 'cmd_monitor', 'cmd_cleanup', 'build_parser', 'main']
 
 # %% ../nbs/19_cli.ipynb #8dadf951
 class _Parser(argparse.ArgumentParser):
@@ -208,6 +208,33 @@ def cmd_sweep(args) -> int:
     failed = int((table.status != "FINISHED").sum())
     if failed: print(f"{failed} of {len(table)} trials failed", file=sys.stderr)
     return 1 if failed else 0
+
+# %% ../nbs/19_cli.ipynb #bc41beea
+@command("predict", "score CSV/Parquet files of any size with a registered model on Dask", [
+    Arg("--input", required=True, metavar="DATA", help="a .csv or .parquet file, or a folder of them"),
+    Arg("--output", required=True, metavar="OUT", help="a new folder for predictions/ and rejects/ (Parquet)"),
+    Arg("--model", metavar="NAME@ALIAS", help="the model (default: model.name@promotion.alias); NAME/VERSION for a version"),
+    Arg("--keep", metavar="COL,...", help="key columns to copy into the output (default: a row_id)"),
+    Arg("--workers", type=int, default=2, help="worker processes of the local Dask cluster (default 2)"),
+    Arg("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler (default: DASK_SCHEDULER_ADDRESS, else local)"),
+    Arg("--blocksize", type=int, default=32, metavar="MB", help="CSV megabytes per partition (default 32)"),
+    Arg("--quiet", action="store_true", help="no progress bar"),
+])
+def cmd_predict(args) -> int:
+    "Score a large input with a registered model; print the counts."
+    from mlflow_nb.predict import predict_files
+    if args.blocksize < 1: raise MlflowNbError(f"--blocksize: must be at least 1 MB, got {args.blocksize}")
+    cfg, tr = configured(args)
+    model = args.model or f"{cfg.model.estimator.name}@{cfg.model.promotion.alias}"
+    keep = [c.strip() for c in args.keep.split(",") if c.strip()] if args.keep else []
+    res = predict_files(args.input, args.output, model, tr, keep, args.scheduler, args.workers, args.blocksize << 20,
+                        progress=not args.quiet)
+    print(f"predict run    : {res.run_id} (experiment {tr.experiment_names['production']})")
+    print(f"model          : {res.model_uri}")
+    print(f"rows in        : {res.rows_in} in {res.partitions} partitions")
+    print(f"predictions    : {res.predictions} -> {res.output}/predictions")
+    print(f"rejects        : {res.rejects}" + (f" -> {res.output}/rejects" if res.rejects else ""))
+    return 0
 
 # %% ../nbs/19_cli.ipynb #db77fad6
 @command("reproduce", "re-run a logged pipeline or training run and compare its metrics", [
