@@ -213,10 +213,10 @@ def cmd_sweep(args) -> int:
 @command("predict", "score CSV/Parquet files of any size with a registered model on Dask", [
     Arg("--input", required=True, metavar="DATA", help="a .csv or .parquet file, or a folder of them"),
     Arg("--output", required=True, metavar="OUT", help="a new folder for predictions/ and rejects/ (Parquet)"),
-    Arg("--model", metavar="NAME@ALIAS", help="the model (default: model.name@promotion.alias); NAME/VERSION for a version"),
+    Arg("--model", metavar="NAME@ALIAS", help="default: model.name@promotion.alias; NAME/VERSION for a version"),
     Arg("--keep", metavar="COL,...", help="key columns to copy into the output (default: a row_id)"),
     Arg("--workers", type=int, default=2, help="worker processes of the local Dask cluster (default 2)"),
-    Arg("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler (default: DASK_SCHEDULER_ADDRESS, else local)"),
+    Arg("--scheduler", metavar="ADDRESS", help="a Dask scheduler (default: DASK_SCHEDULER_ADDRESS, else local)"),
     Arg("--blocksize", type=int, default=32, metavar="MB", help="CSV megabytes per partition (default 32)"),
     Arg("--quiet", action="store_true", help="no progress bar"),
 ])

@@ -6,7 +6,7 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/sweep.html.md"""
 
 # %% ../nbs/16_sweep.ipynb #61fb5262
 from __future__ import annotations
-import json, math, os, time, warnings
+import json, math, os, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,20 +22,20 @@ from .config import load_config
 from .metrics import get_metric
 from .pipeline import adopt_env_run
 from .tracking import log_params, setup_tracking, tracked_run
-from .train import train_model
+from .data import log_dataset_inputs
+from .train import prepare_data, train_model
 
 # %% auto #0
 __all__ = ['SEARCHES', 'dimension', 'search_space', 'grid_values', 'make_sampler', 'open_study', 'dask_client',
            'cluster_dashboard', 'cluster_threads', 'TrialSpec', 'trial_runs', 'settle_attempts', 'run_trial',
-           'SweepPlan', 'store_answers', 'run_search', 'log_study', 'plan_sweep', 'run_sweep']
+           'SweepPlan', 'store_answers', 'run_search', 'log_study', 'log_sweep_data', 'plan_sweep', 'run_sweep']
 
 # %% ../nbs/16_sweep.ipynb #c298055a
 def _bounds(where: str, spec: list, kind: type) -> tuple:
     "(low, high) of an `{int: [lo, hi]}` or `{float: [lo, hi]}` entry."
-    name = kind.__name__
     if not isinstance(spec, list) or len(spec) != 2 or \
        not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
-        raise MlflowNbError(f"{where}: expected {{{name}: [low, high]}} with two numbers, got {spec!r}"[:300])
+        raise MlflowNbError(f"{where}: expected {{{kind.__name__}: [low, high]}} with two numbers, got {spec!r}"[:300])
     lo, hi = spec
     if kind is int and not all(float(v).is_integer() for v in spec):
         raise MlflowNbError(f"{where}: int bounds must be whole numbers, got {spec!r}")
@@ -51,8 +51,7 @@ def dimension(key: str,  # the config key, e.g. model.params.max_depth
     at = f"{where}: {key}"
     if not isinstance(spec, dict): spec = {"choice": spec if isinstance(spec, list) else [spec]}
     kinds = [k for k in ("int", "float", "choice") if k in spec]
-    extra = set(spec) - {"int", "float", "choice", "log", "step"}
-    if len(kinds) != 1 or extra:
+    if len(kinds) != 1 or set(spec) - {"int", "float", "choice", "log", "step"}:
         raise MlflowNbError(f"{at}: expected a list, {{int: [lo, hi]}}, {{float: [lo, hi]}} or {{choice: [...]}}, "
                             f"got {json.dumps(spec, default=str)}"[:300])
     kind, log, step = kinds[0], spec.get("log", False), spec.get("step")
@@ -75,8 +74,7 @@ def _yaml_mapping(text: str, where: str) -> dict:
     "The mapping in YAML `text`; `MlflowNbError` naming `where` for anything else."
     try: loaded = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f"line {mark.line + 1}: " if mark else ""
+        at = f"line {e.problem_mark.line + 1}: " if getattr(e, "problem_mark", None) else ""
         raise MlflowNbError(f"{where}: {at}YAML syntax error: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(loaded, dict) or not loaded:
         raise MlflowNbError(f"{where}: expected a mapping of config key: values or range, got {type(loaded).__name__}")
@@ -130,13 +128,10 @@ def make_sampler(search: str,  # grid, random or tpe
 def _create_study(storage, name, direction, sampler):
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    import sqlalchemy.exc
     try: return optuna.create_study(storage=storage, study_name=name, direction=direction, load_if_exists=True,
                                     sampler=sampler)
-    except (ImportError, ValueError, optuna.exceptions.OptunaError) as e:
-        raise MlflowNbError(f"--study-storage {redact(storage or '')}: {error_line(e)}") from None
-    except Exception as e:
-        import sqlalchemy.exc
-        if not isinstance(e, sqlalchemy.exc.SQLAlchemyError): raise
+    except (ImportError, ValueError, optuna.exceptions.OptunaError, sqlalchemy.exc.SQLAlchemyError) as e:
         raise MlflowNbError(f"--study-storage {redact(storage or '')}: cannot open it: {error_line(e)}"[:500]) from None
 
 def open_study(search: str, space: dict, seed: int,
@@ -277,6 +272,7 @@ def run_search(dask,  # a Dask client
               ) -> list[dict]:
     "Run `plan.trials` trials on Dask, several in flight; a row per trial (its number, params and result)."
     from distributed import as_completed
+    from optuna.trial import TrialState
     from tqdm.auto import tqdm
     rows, flight, queue = [], {}, as_completed(loop=dask.loop)
     def submit():
@@ -291,7 +287,8 @@ def run_search(dask,  # a Dask client
             except Exception as e:  # the task itself failed (e.g. its worker died too often)
                 out = {"run_id": None, "status": "FAILED", "error": error_line(e), "crashed": True}
             crashed, value = out.pop("crashed", False), _objective(out, plan.metric)
-            study.tell(trial, value, state=None if value is not None else _failed())
+            if out.get("run_id"): trial.set_user_attr("mlflow_run_id", out["run_id"])
+            study.tell(trial, value, state=None if value is not None else TrialState.FAIL)
             rows.append({"trial": trial.number, **trial.params, **out})
             bar.update(1)
             if crashed and not store_answers(tr.client(), tr.default_experiment_id):
@@ -299,14 +296,11 @@ def run_search(dask,  # a Dask client
             if asked < plan.trials: submit(); asked += 1
     return rows
 
-def _failed():
-    from optuna.trial import TrialState
-    return TrialState.FAIL
-
 def _stop(dask, flight: dict, study, rows: list, plan: SweepPlan, error: str):
     "Cancel what is in flight and raise the one-line store-down error."
+    from optuna.trial import TrialState
     dask.cancel(list(flight))
-    for trial in flight.values(): study.tell(trial, state=_failed())
+    for trial in flight.values(): study.tell(trial, state=TrialState.FAIL)
     finished = sum(r["status"] == "FINISHED" for r in rows)
     raise MlflowNbError(f"tracking store unreachable during the sweep ({error}); {plan.trials - len(rows)} trials "
                         f"not finished, {finished} finished")
@@ -325,17 +319,16 @@ def _plots(study) -> dict:
         except (ValueError, RuntimeError): pass  # one completed trial, or no parameter that varied
     return figs
 
-def log_study(study, table: pd.DataFrame, metric: str) -> dict | None:
+def log_study(study, metric: str) -> dict | None:
     "Log the best trial, the history and the importances of `study` into the active (sweep) run; the best trial."
     import matplotlib.pyplot as plt
     import optuna
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    mlflow.log_dict([{"number": t.number, "value": t.value, "state": t.state.name, "params": t.params}
-                     for t in study.trials], "optuna/history.json")
+    mlflow.log_dict([{"number": t.number, "value": t.value, "state": t.state.name, "params": t.params,
+                      "run_id": t.user_attrs.get("mlflow_run_id")} for t in study.trials], "optuna/history.json")
     if not done: return None
     best = study.best_trial
-    rows = table[table.trial == best.number] if "trial" in table else table.iloc[:0]
-    best_run = str(rows.run_id.iloc[0]) if len(rows) else best.user_attrs.get("run_id", "")
+    best_run = best.user_attrs.get("mlflow_run_id", "")  # with a shared storage, perhaps another sweep's trial
     doc = {"number": best.number, "value": best.value, "params": best.params, "run_id": best_run}
     mlflow.log_dict(doc, "optuna/best_trial.json")
     mlflow.log_metric(f"best_{metric}", best.value)
@@ -346,6 +339,12 @@ def log_study(study, table: pd.DataFrame, metric: str) -> dict | None:
     for name, fig in _plots(study).items():
         mlflow.log_figure(fig, name); plt.close(fig)
     return doc
+
+# %% ../nbs/16_sweep.ipynb #9e717919
+def log_sweep_data(cfg) -> dict[str, str]:
+    "Log the training and evaluation sets of `cfg` as inputs of the active (sweep) run; their digests."
+    prep = prepare_data(cfg)
+    return log_dataset_inputs(prep.split, prep.source)
 
 # %% ../nbs/16_sweep.ipynb #922cf6b3
 def plan_sweep(config_dir: str | Path,  # the config folder
@@ -371,9 +370,8 @@ def plan_sweep(config_dir: str | Path,  # the config folder
 # %% ../nbs/16_sweep.ipynb #5d35d152
 def _summary(rows: list[dict], metric: str) -> pd.DataFrame:
     "The trials, best first (failed ones last)."
-    table = pd.DataFrame(rows)
-    if metric in table: table = table.sort_values(metric, ascending=not get_metric(metric).greater_is_better,
-                                                  na_position="last")
+    table, up = pd.DataFrame(rows), not get_metric(metric).greater_is_better
+    if metric in table: table = table.sort_values(metric, ascending=up, na_position="last")
     return table.reset_index(drop=True)
 
 def run_sweep(config_dir: str | Path,  # the config folder
@@ -399,6 +397,7 @@ def run_sweep(config_dir: str | Path,  # the config folder
          tracked_run("sweep", run_id=env_run.run_id, experiment_id=exp, tags={TAG_KIND: "sweep"}) as sweep:
         mlflow.set_tags({TAG_KIND: "sweep", **({TAG_SWEEP_STUDY: name} if name else {})})
         env_run.link(tr.client(), sweep.info.run_id)
+        log_sweep_data(cfg)
         if progress and cluster_dashboard(dask): print(f"dask dashboard : {cluster_dashboard(dask)}", flush=True)
         log_params({"sweep": {"search": search, "trials": plan.trials, "workers": cluster_threads(dask),
                               "metric": plan.metric,
@@ -409,5 +408,5 @@ def run_sweep(config_dir: str | Path,  # the config folder
         failed = int((table.status != "FINISHED").sum())
         mlflow.log_metrics({"trials_finished": float(len(table) - failed), "trials_failed": float(failed)})
         mlflow.log_table(table.astype(str), "sweep_trials.json")
-        log_study(study, table, plan.metric)
+        log_study(study, plan.metric)
     return sweep.info.run_id, table

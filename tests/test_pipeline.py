@@ -1,5 +1,4 @@
-"""The papermill pipeline end to end: five nested step runs, a failing step, parallel sweeps, reproduce."""
-import sqlite3
+"""The papermill pipeline end to end: five nested step runs, a failing step, reproduce."""
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -88,30 +87,10 @@ def test_bad_pipeline_arguments_exit_2(project):
     for args, msg in ((["run", "--steps", "train,deploy"], "unknown step 'deploy'"),
                       (["run", "-p", "colour=red"], "-p colour: no step takes"),
                       (["run", "-y", "[1, 2]"], "expected a mapping"),
-                      (["sweep"], "grid is empty"),
-                      (["sweep", "-g", "model.params.max_depth=3,oops"], "max_depth"),
                       (["reproduce", "f" * 32], "not found")):
         r = run_cli(*args, cwd=project)
         assert r.returncode == 2, (args, r.stderr)
         assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-
-
-def test_sweep_8_trials_4_workers_on_a_fresh_sqlite_store(project):
-    r = run_cli("sweep", "--workers", "4", "--quiet", "-g", "model.params.n_estimators=10,20",
-                "-g", "model.params.max_depth=2,4,6,8", cwd=project)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "database is locked" not in r.stderr and "alembic" not in r.stderr.lower()
-    db = sqlite3.connect(project / "mlflow.db")
-    trials = db.execute("select run_uuid, status from runs where run_uuid in "
-                        "(select run_uuid from tags where key = 'mlflow_nb.sweep_trial')").fetchall()
-    assert len(trials) == 8 and {s for _, s in trials} == {"FINISHED"}
-    metrics = db.execute("select count(*) from latest_metrics where key in ('rmse', 'mae', 'r2') and run_uuid in "
-                         "(select run_uuid from tags where key = 'mlflow_nb.sweep_trial')").fetchone()[0]
-    assert metrics == 8 * 3
-    sweep_status = db.execute("select status from runs where run_uuid in (select run_uuid from tags where "
-                              "key = 'mlflow_nb.kind' and value = 'sweep')").fetchall()
-    assert sweep_status == [("FINISHED",)]
-    assert "rmse" in r.stdout  # the summary table
 
 
 def test_mlproject_pipeline_entry_point(project):
