@@ -228,8 +228,7 @@ def run_trial(spec: TrialSpec,  # what to train, where to log
         return {"run_id": res.run_id, "status": "FINISHED", **res.metrics}
     except MlflowNbError as e: return {"run_id": None, "status": "FAILED", "error": str(e)[:500]}
     except Exception as e:  # the store (or the estimator) failed: the driver checks which
-        run = mlflow.last_active_run()
-        return {"run_id": run.info.run_id if run else None, "status": "FAILED", "error": error_line(e), "crashed": True}
+        return {"run_id": None, "status": "FAILED", "error": error_line(e), "crashed": True}
 
 # %% ../nbs/16_sweep.ipynb #2a785d76
 @dataclass

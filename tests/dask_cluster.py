@@ -6,7 +6,7 @@
 The workers run one thread each, in DIR (so a relative store a worker wrongly opened would show up there), with
 no MLFLOW_* store variable in their environment: whatever store a task logs to, the task was told.
 """
-import json, os, signal, socket, subprocess, sys, time
+import atexit, json, os, signal, socket, subprocess, sys, time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -65,6 +65,20 @@ def stop(folder) -> None:
         try: os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError: pass
     f.unlink()
+
+
+_SHARED: dict = {}
+
+
+def shared(make_folder) -> dict:
+    "The tests' cluster: the one .ci/run started (MLFLOW_NB_DASK_SCHEDULER), else one started once per process."
+    given = os.environ.get("MLFLOW_NB_DASK_SCHEDULER")
+    if given: return {"address": given, "dir": os.environ.get("MLFLOW_NB_DASK_DIR", "")}
+    if not _SHARED:
+        d = make_folder()
+        _SHARED.update(start(d))
+        atexit.register(stop, d)
+    return _SHARED
 
 
 if __name__ == "__main__":

@@ -20,14 +20,8 @@ needs_server = pytest.mark.skipif(not team_server.available(), reason="PostgreSQ
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
-    "{'address', 'dir'} of a running scheduler with two single-threaded workers."
-    given = os.environ.get("MLFLOW_NB_DASK_SCHEDULER")
-    if given:
-        yield {"address": given, "dir": os.environ.get("MLFLOW_NB_DASK_DIR", "")}; return
-    d = tmp_path_factory.mktemp("dask")
-    state = dask_cluster.start(d)
-    try: yield state
-    finally: dask_cluster.stop(d)
+    "{'address', 'dir'} of a running scheduler with two single-threaded workers (shared with test_predict)."
+    return dask_cluster.shared(lambda: tmp_path_factory.mktemp("dask"))
 
 
 SENT_ARTIFACTS = {"configs/mlflow_config.yaml", "configs/model_config.yaml", "configs/serving_config.yaml",
@@ -270,7 +264,7 @@ def test_server_stopped_mid_sweep_gives_a_clear_error_and_nothing_half_registere
         team.update(state)
     assert proc.returncode != 0
     last = err.strip().splitlines()[-1]
-    assert last.startswith("mlflow-nb: tracking server unreachable") or "tracking store unreachable" in last, err[-2000:]
+    assert last.startswith("mlflow-nb: ") and ("unreachable" in last or "failed" in last), err[-2000:]
     assert time.time() - t0 < 200  # bounded retries, not MLflow's default minutes per call
     client = MlflowClient(uri, uri)
     assert client.search_registered_models(f"name = '{model}'") == []  # sweeps register nothing: nothing half-registered
