@@ -44,6 +44,7 @@ def input_files(source: str | Path,  # a CSV/Parquet file, or a folder of them
     "The input's files, in name order; `MlflowNbError` when there are none."
     p = Path(source)
     if not p.exists(): raise MlflowNbError(f"--input {source}: no such file or folder")
+    p = p.resolve()  # the workers read the files: absolute paths, not relative to their own folder
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in FILE_KINDS)
     if not files: raise MlflowNbError(f"--input {source}: no .csv or .parquet files in it")
     odd = [f for f in files if f.suffix.lower() not in FILE_KINDS]
@@ -151,10 +152,10 @@ def _numeric(s: pd.Series, kind: str) -> tuple[np.ndarray, np.ndarray]:
     return v, why
 
 def _text(s: pd.Series) -> np.ndarray:
-    "A string column as object values: str, or None when missing."
-    out = s.astype(object).where(s.notna(), None).to_numpy()
-    return np.array([v if v is None or isinstance(v, str) else str(v) for v in out], dtype=object) \
-        if not pd.api.types.is_string_dtype(s) else out
+    "A string column as object values: str, or NaN when missing (what the model's imputer treats as missing)."
+    out = s.astype(object).where(s.notna(), np.nan).to_numpy()
+    if pd.api.types.is_string_dtype(s): return out
+    return np.array([v if isinstance(v, str) or v is np.nan else str(v) for v in out], dtype=object)
 
 def _boolean(s: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     if pd.api.types.is_bool_dtype(s): return s.to_numpy(dtype=object), np.full(len(s), "", dtype=object)
@@ -308,7 +309,9 @@ def _prepare_output(output: str | Path) -> Path:
 def _count(dask, parts: list[Part]) -> list[Part]:
     "The parts with their rows counted on the cluster."
     futs = [dask.submit(count_rows, p, key=f"count-{uuid.uuid4().hex}") for p in parts]
-    return number_rows(parts, dask.gather(futs))
+    try: return number_rows(parts, dask.gather(futs))
+    except OSError as e:  # a worker cannot read a file the driver sees: not the same folder there
+        raise MlflowNbError(f"--input: a worker cannot read it ({error_line(e)}): workers need the same files") from None
 
 # %% ../nbs/17_predict.ipynb #46b9b2a0
 def _score(dask, tasks: list[ScoreTask], progress: bool) -> list[dict]:
