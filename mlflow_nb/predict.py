@@ -153,9 +153,11 @@ def _numeric(s: pd.Series, kind: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _text(s: pd.Series) -> np.ndarray:
     "A string column as object values: str, or NaN when missing (what the model's imputer treats as missing)."
-    out = s.astype(object).where(s.notna(), np.nan).to_numpy()
-    if pd.api.types.is_string_dtype(s): return out
-    return np.array([v if isinstance(v, str) or v is np.nan else str(v) for v in out], dtype=object)
+    missing, out = s.isna().to_numpy(), s.astype(object).to_numpy()
+    if not pd.api.types.is_string_dtype(s):
+        out = np.array([v if isinstance(v, str) else str(v) for v in out], dtype=object)
+    out[missing] = np.nan
+    return out
 
 def _boolean(s: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     if pd.api.types.is_bool_dtype(s): return s.to_numpy(dtype=object), np.full(len(s), "", dtype=object)
@@ -311,7 +313,8 @@ def _count(dask, parts: list[Part]) -> list[Part]:
     futs = [dask.submit(count_rows, p, key=f"count-{uuid.uuid4().hex}") for p in parts]
     try: return number_rows(parts, dask.gather(futs))
     except OSError as e:  # a worker cannot read a file the driver sees: not the same folder there
-        raise MlflowNbError(f"--input: a worker cannot read it ({error_line(e)}): workers need the same files") from None
+        raise MlflowNbError(f"--input: a worker cannot read it ({error_line(e)}): workers need the same files") \
+            from None
 
 # %% ../nbs/17_predict.ipynb #46b9b2a0
 def _score(dask, tasks: list[ScoreTask], progress: bool) -> list[dict]:
