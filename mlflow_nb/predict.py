@@ -16,7 +16,7 @@ import pandas as pd
 
 from .core import MlflowNbError, TAG_ALIAS, TAG_KIND, TAG_MODEL, TAG_MODEL_VERSION, error_line
 from .registry import check_trust, load_model, resolve_version
-from .sweep import cluster_dashboard, dask_client
+from .sweep import dask_client
 from .tracking import log_params, tracked_run, use_store
 
 # %% auto #0
@@ -97,7 +97,8 @@ def plan_input(source: str | Path,  # a file or a folder
     return parts
 
 # %% ../nbs/17_predict.ipynb #f3e82b08
-def count_rows(part: Part) -> int:
+def count_rows(part: Part,  # a planned part
+              ) -> int:
     "The rows of a part: non-empty lines of a CSV byte range; a Parquet part's metadata count."
     if part.kind == "parquet": return part.rows
     with open(part.path, "rb") as f:
@@ -111,7 +112,9 @@ def count_rows(part: Part) -> int:
     blank = (length == 0) | ((length == 1) & (first == 13))  # an empty line, or a lone carriage return
     return int((~blank).sum())
 
-def number_rows(parts: list[Part], counts: list[int]) -> list[Part]:
+def number_rows(parts: list[Part],  # the input's parts, in order
+                counts: list[int],  # their row counts
+               ) -> list[Part]:
     "The parts with their row counts and input-wide first row numbers."
     firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
     return [replace(p, rows=int(n), first_row=int(f)) for p, n, f in zip(parts, counts, firsts)]
@@ -191,7 +194,8 @@ class ModelRef:
     tracking_uri: str
     registry_uri: str
 
-def worker_model(ref: ModelRef) -> tuple[object, str]:
+def worker_model(ref: ModelRef,  # the pinned version and its store
+                ) -> tuple[object, str]:
     "(model, load id): the model of `ref`, loaded once per Dask worker (or process) after the trust check."
     from distributed import get_worker
     try: holder = get_worker()  # on a worker the model lives as long as the worker
@@ -202,7 +206,9 @@ def worker_model(ref: ModelRef) -> tuple[object, str]:
         cache[ref] = load_model(ref.uri).model, f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     return cache[ref]
 
-def predict_isolating(model, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+def predict_isolating(model,  # a fitted model
+                      frame: pd.DataFrame,  # validated rows
+                     ) -> tuple[np.ndarray, np.ndarray]:
     "(predictions, why each row failed: '' for scored rows); a failing batch is bisected to find its bad rows."
     if len(frame) == 0: return np.array([]), np.array([], dtype=object)
     try: return np.asarray(model.predict(frame)), np.full(len(frame), "", dtype=object)
@@ -237,7 +243,8 @@ def _ids(task: ScoreTask, frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"row_id": np.arange(task.part.first_row, task.part.first_row + len(frame), dtype=np.int64)})
 
 # %% ../nbs/17_predict.ipynb #d9771235
-def score_part(task: ScoreTask) -> dict:
+def score_part(task: ScoreTask,  # the part, the model, the columns, the output folder
+              ) -> dict:
     "Read, validate, score and write one part; its counts and the model load that scored it."
     t0 = time.perf_counter()
     frame = read_part(task.part, task.columns, task.keep)
@@ -268,7 +275,8 @@ def model_ref(ref: str,  # NAME@ALIAS or NAME/VERSION
     mv = resolve_version(name, what)
     return name, str(mv.version), None if "/" in ref else what
 
-def model_columns(uri: str) -> list[dict]:
+def model_columns(uri: str,  # models:/name/version
+                 ) -> list[dict]:
     "The input columns of the model at `uri` ({'name', 'type', 'required'}), after the trust check."
     meta = mlflow.models.Model.load(uri)
     check_trust(meta, uri)
@@ -276,7 +284,10 @@ def model_columns(uri: str) -> list[dict]:
         raise MlflowNbError(f"{uri}: the model has no column signature to validate rows against")
     return json.loads(meta.signature.to_dict()["inputs"])
 
-def check_columns(parts: list[Part], columns: list[dict], keep: list[str]) -> None:
+def check_columns(parts: list[Part],  # the planned input
+                  columns: list[dict],  # the model's input columns
+                  keep: list[str],  # the key columns asked for
+                 ) -> None:
     "`MlflowNbError` naming the first file without a column the model requires, or without a kept key."
     import pyarrow.csv as pcsv, pyarrow.parquet as pq
     import pyarrow as pa
@@ -363,9 +374,8 @@ def predict_files(source: str | Path,  # a CSV/Parquet file or a folder of them
     check_columns(parts, columns, list(keep))
     out, t0 = _prepare_output(output), time.perf_counter()
     tags = {TAG_KIND: "predict", TAG_MODEL: name, TAG_MODEL_VERSION: version, **({TAG_ALIAS: alias} if alias else {})}
-    with dask_client(scheduler, workers) as dask, \
+    with dask_client(scheduler, workers, announce=progress) as dask, \
          tracked_run("predict", experiment_id=tracking.production_experiment_id, tags=tags) as run:
-        if progress and cluster_dashboard(dask): print(f"dask dashboard : {cluster_dashboard(dask)}", flush=True)
         log_params({"predict": {"input": str(source), "output": str(out), "model": ref.uri, "keep": list(keep),
                                 "parts": len(parts)}})
         parts = _count(dask, parts)

@@ -27,8 +27,8 @@ from .train import prepare_data, train_model
 
 # %% auto #0
 __all__ = ['SEARCHES', 'dimension', 'search_space', 'grid_values', 'make_sampler', 'open_study', 'dask_client',
-           'cluster_dashboard', 'cluster_threads', 'TrialSpec', 'trial_runs', 'settle_attempts', 'run_trial',
-           'SweepPlan', 'store_answers', 'run_search', 'log_study', 'log_sweep_data', 'plan_sweep', 'run_sweep']
+           'cluster_thread_count', 'TrialSpec', 'trial_runs', 'settle_attempts', 'run_trial', 'SweepPlan',
+           'store_answers', 'run_search', 'log_study', 'log_sweep_data', 'plan_sweep', 'run_sweep']
 
 # %% ../nbs/16_sweep.ipynb #c298055a
 def _bounds(where: str, spec: list, kind: type) -> tuple:
@@ -134,7 +134,9 @@ def _create_study(storage, name, direction, sampler):
     except (ImportError, ValueError, optuna.exceptions.OptunaError, sqlalchemy.exc.SQLAlchemyError) as e:
         raise MlflowNbError(f"--study-storage {redact(storage or '')}: cannot open it: {error_line(e)}"[:500]) from None
 
-def open_study(search: str, space: dict, seed: int,
+def open_study(search: str,  # grid, random or tpe
+               space: dict,  # {key: distribution}
+               seed: int,  # the sampler's seed
                direction: str,  # "maximize" or "minimize"
                storage: str | None = None,  # an Optuna RDB URL (e.g. postgresql://...) to resume or join a study
                name: str | None = None,  # the study's name in that storage
@@ -152,6 +154,7 @@ def open_study(search: str, space: dict, seed: int,
 def dask_client(scheduler: str | None = None,  # tcp://host:8786 of an existing scheduler (None: DASK_SCHEDULER_ADDRESS)
                 workers: int = 2,  # worker processes of the LocalCluster started when there is no scheduler
                 timeout: float = 15,  # seconds to wait for the scheduler and a first worker
+                announce: bool = False,  # print the dashboard's link
                ):
     "A Dask `Client` to the named scheduler, or to a fresh LocalCluster; closed (and the cluster stopped) at the end."
     from distributed import Client, LocalCluster
@@ -160,26 +163,23 @@ def dask_client(scheduler: str | None = None,  # tcp://host:8786 of an existing 
     cluster = None
     try:
         if address is None:
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                   silence_logs=40)
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, silence_logs=40,
+                                   dashboard_address=":0" if announce else None)  # a dashboard only when shown
         client = Client(cluster or address, timeout=timeout, set_as_default=False)
     except (OSError, TimeoutError) as e:
         if cluster is not None: cluster.close()
         raise MlflowNbError(f"--scheduler {address}: no Dask scheduler answered ({error_line(e, limit=200)})") from None
     try:
-        client.wait_for_workers(1, timeout=timeout)
+        try: client.wait_for_workers(1, timeout=timeout)
+        except TimeoutError: raise MlflowNbError(f"--scheduler {address}: the scheduler has no workers") from None
+        if announce and client.dashboard_link: print(f"dask dashboard : {client.dashboard_link}", flush=True)
         yield client
-    except TimeoutError: raise MlflowNbError(f"--scheduler {address}: the scheduler has no workers") from None
     finally:
         client.close()
         if cluster is not None: cluster.close()
 
-def cluster_dashboard(client) -> str:
-    "Where the cluster's dashboard is ('' when it has none)."
-    try: return client.dashboard_link or ""
-    except (KeyError, AttributeError): return ""
-
-def cluster_threads(client) -> int:
+def cluster_thread_count(client,  # a distributed Client
+                   ) -> int:
     "How many tasks the cluster runs at once."
     return max(1, sum(client.nthreads().values()))
 
@@ -195,7 +195,9 @@ class TrialSpec:
     params: dict = field(default_factory=dict)  # this trial's values, by config key
     metric: str = "rmse"  # the objective
 
-def trial_runs(client: MlflowClient, spec: TrialSpec) -> list:
+def trial_runs(client: MlflowClient,  # a client of the sweep's store
+               spec: TrialSpec,  # the trial
+              ) -> list:
     "The runs earlier attempts of this trial opened under its sweep run."
     flt = f"tags.`{PARENT_RUN}` = '{spec.sweep_run_id}' and tags.`{TAG_SWEEP_TRIAL}` = '{spec.number}'"
     return client.search_runs([spec.experiment_id], flt, max_results=100)
@@ -246,7 +248,9 @@ def _objective(out: dict, metric: str) -> float | None:
     v = out.get(metric) if out.get("status") == "FINISHED" else None
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
-def store_answers(client: MlflowClient, experiment_id: str) -> bool:
+def store_answers(client: MlflowClient,  # a client of the sweep's store
+                  experiment_id: str,  # an experiment that exists there
+                 ) -> bool:
     "Whether the tracking store still answers (bounded by MLflow's HTTP retry policy)."
     import requests
     from mlflow.exceptions import MlflowException
@@ -277,7 +281,7 @@ def run_search(dask,  # a Dask client
     def submit():
         fut, trial = _submit(dask, study, plan, sweep, tr)
         flight[fut] = trial; queue.add(fut)
-    for _ in range(min(plan.trials, cluster_threads(dask))): submit()
+    for _ in range(min(plan.trials, cluster_thread_count(dask))): submit()
     asked = len(flight)
     with tqdm(total=plan.trials, desc="sweep", unit="trial", disable=not progress) as bar:
         for fut in queue:
@@ -300,15 +304,12 @@ def _stop(dask, flight: dict, study, rows: list, plan: SweepPlan, error: str):
     from optuna.trial import TrialState
     dask.cancel(list(flight))
     for trial in flight.values(): study.tell(trial, state=TrialState.FAIL)
-    finished = sum(r["status"] == "FINISHED" for r in rows)
     raise MlflowNbError(f"tracking store unreachable during the sweep ({error}); {plan.trials - len(rows)} trials "
-                        f"not finished, {finished} finished")
+                        f"not finished, {sum(r['status'] == 'FINISHED' for r in rows)} finished")
 
 # %% ../nbs/16_sweep.ipynb #7490312b
 def _plots(study) -> dict:
     "{file name: figure} of the optimisation history and the parameter importances (those Optuna can draw)."
-    import matplotlib
-    matplotlib.use("Agg")
     from optuna.visualization import matplotlib as vm
     figs = {}
     with warnings.catch_warnings():
@@ -318,7 +319,9 @@ def _plots(study) -> dict:
         except (ValueError, RuntimeError): pass  # one completed trial, or no parameter that varied
     return figs
 
-def log_study(study, metric: str) -> dict | None:
+def log_study(study,  # the Optuna study the sweep asked
+              metric: str,  # the objective's name (best_<metric> is logged)
+             ) -> dict | None:
     "Log the best trial, the history and the importances of `study` into the active (sweep) run; the best trial."
     import matplotlib.pyplot as plt
     import optuna
@@ -340,7 +343,8 @@ def log_study(study, metric: str) -> dict | None:
     return doc
 
 # %% ../nbs/16_sweep.ipynb #9e717919
-def log_sweep_data(cfg) -> dict[str, str]:
+def log_sweep_data(cfg,  # the sweep's loaded config
+                  ) -> dict[str, str]:
     "Log the training and evaluation sets of `cfg` as inputs of the active (sweep) run; their digests."
     prep = prepare_data(cfg)
     return log_dataset_inputs(prep.split, prep.source)
@@ -392,17 +396,15 @@ def run_sweep(config_dir: str | Path,  # the config folder
     tr = setup_tracking(cfg)
     env_run = adopt_env_run(tr.client(), tr.default_experiment_id)
     exp = tr.default_experiment_id
-    with dask_client(scheduler, workers) as dask, \
+    with dask_client(scheduler, workers, announce=progress) as dask, \
          tracked_run("sweep", run_id=env_run.run_id, experiment_id=exp, tags={TAG_KIND: "sweep"}) as sweep:
         mlflow.set_tags({TAG_KIND: "sweep", **({TAG_SWEEP_STUDY: name} if name else {})})
         env_run.link(tr.client(), sweep.info.run_id)
         log_sweep_data(cfg)
-        if progress and cluster_dashboard(dask): print(f"dask dashboard : {cluster_dashboard(dask)}", flush=True)
-        log_params({"sweep": {"search": search, "trials": plan.trials, "workers": cluster_threads(dask),
-                              "metric": plan.metric,
+        log_params({"sweep": {"search": search, "trials": plan.trials, "metric": plan.metric, "study": name or "",
+                              "workers": cluster_thread_count(dask), "study_storage": redact(study_storage or ""),
                               "space": json.dumps({k: repr(v) for k, v in space.items()}),
-                              "scheduler": scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or "local",
-                              "study": name or "", "study_storage": redact(study_storage or "")}})
+                              "scheduler": scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or "local"}})
         table = _summary(run_search(dask, study, plan, sweep, tr, progress), plan.metric)
         failed = int((table.status != "FINISHED").sum())
         mlflow.log_metrics({"trials_finished": float(len(table) - failed), "trials_failed": float(failed)})
