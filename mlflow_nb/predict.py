@@ -156,7 +156,7 @@ def _numeric(s: pd.Series, kind: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _text(s: pd.Series) -> np.ndarray:
     "A string column as object values: str, or NaN when missing (what the model's imputer treats as missing)."
-    missing, out = s.isna().to_numpy(), s.astype(object).to_numpy()
+    missing, out = s.isna().to_numpy(), np.array(s.astype(object).to_numpy(), dtype=object)  # a writable copy
     if not pd.api.types.is_string_dtype(s):
         out = np.array([v if isinstance(v, str) else str(v) for v in out], dtype=object)
     out[missing] = np.nan
@@ -330,6 +330,7 @@ def _count(dask, parts: list[Part]) -> list[Part]:
 # %% ../nbs/17_predict.ipynb #46b9b2a0
 def _score(dask, tasks: list[ScoreTask], progress: bool) -> list[dict]:
     "Score every part on the cluster, with a progress bar; their results in part order."
+    import pyarrow as pa
     from distributed import as_completed
     from tqdm.auto import tqdm
     futs = [dask.submit(score_part, t, key=f"score-{t.part.index}-{uuid.uuid4().hex}") for t in tasks]
@@ -338,7 +339,7 @@ def _score(dask, tasks: list[ScoreTask], progress: bool) -> list[dict]:
               disable=not progress) as bar:
         for fut in as_completed(futs, loop=dask.loop):
             try: results.append(fut.result())
-            except (OSError, ValueError) as e:  # a file that cannot be read or parsed: the whole job stops
+            except (OSError, pa.ArrowException) as e:  # a file that cannot be read or parsed: the whole job stops
                 dask.cancel(futs)
                 raise MlflowNbError(f"--input {_failed_part(futs, tasks)}: {error_line(e)}") from None
             bar.update(results[-1]["rows"])
