@@ -258,10 +258,9 @@ def score_part(task: ScoreTask,  # the part, the model, the columns, the output 
     predictions = ids[scored].reset_index(drop=True).assign(prediction=preds[failed == ""])
     _write(predictions, out / "predictions", task.part.index)
     if (~scored).any():
-        raw = frame[[c["name"] for c in task.columns]]
+        raw = frame[[c["name"] for c in task.columns]][~scored].reset_index(drop=True)  # the rejected rows only
         raw = raw.astype(object).where(raw.notna(), None).map(lambda v: v if v is None else str(v))
-        rejects = pd.concat([ids[~scored].reset_index(drop=True), pd.DataFrame({"reason": why[~scored]}),
-                             raw[~scored].reset_index(drop=True)], axis=1)
+        rejects = pd.concat([ids[~scored].reset_index(drop=True), pd.DataFrame({"reason": why[~scored]}), raw], axis=1)
         _write(rejects, out / "rejects", task.part.index)
     return {"part": task.part.index, "rows": len(frame), "predictions": int(scored.sum()),
             "rejects": int((~scored).sum()), "load": load, "seconds": time.perf_counter() - t0}

@@ -21,7 +21,7 @@ from .core import (MlflowNbError, PARENT_RUN, TAG_ERROR, TAG_KIND, TAG_SWEEP_BES
 from .config import load_config
 from .metrics import get_metric
 from .pipeline import adopt_env_run
-from .tracking import log_params, setup_tracking, tracked_run
+from .tracking import end_orphaned_runs, log_params, setup_tracking, tracked_run
 from .data import log_dataset_inputs
 from .train import prepare_data, train_model
 
@@ -126,9 +126,8 @@ def make_sampler(search: str,  # grid, random or tpe
     raise MlflowNbError(f"--search: expected one of {', '.join(SEARCHES)}, got {search!r}")
 
 def _create_study(storage, name, direction, sampler):
-    import optuna
+    import optuna, sqlalchemy.exc
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    import sqlalchemy.exc
     try: return optuna.create_study(storage=storage, study_name=name, direction=direction, load_if_exists=True,
                                     sampler=sampler)
     except (ImportError, ValueError, optuna.exceptions.OptunaError, sqlalchemy.exc.SQLAlchemyError) as e:
@@ -252,10 +251,9 @@ def store_answers(client: MlflowClient,  # a client of the sweep's store
                   experiment_id: str,  # an experiment that exists there
                  ) -> bool:
     "Whether the tracking store still answers (bounded by MLflow's HTTP retry policy)."
-    import requests
-    from mlflow.exceptions import MlflowException
+    import requests, mlflow.exceptions
     try: client.get_experiment(experiment_id); return True
-    except (MlflowException, requests.exceptions.RequestException, OSError): return False
+    except (mlflow.exceptions.MlflowException, requests.exceptions.RequestException, OSError): return False
 
 def _submit(dask, study, plan: SweepPlan, sweep, tr) -> tuple:
     "Ask the study for one trial and submit it; (future, optuna trial)."
@@ -329,8 +327,7 @@ def log_study(study,  # the Optuna study the sweep asked
     mlflow.log_dict([{"number": t.number, "value": t.value, "state": t.state.name, "params": t.params,
                       "run_id": t.user_attrs.get("mlflow_run_id")} for t in study.trials], "optuna/history.json")
     if not done: return None
-    best = study.best_trial
-    best_run = best.user_attrs.get("mlflow_run_id", "")  # with a shared storage, perhaps another sweep's trial
+    best = study.best_trial; best_run = best.user_attrs.get("mlflow_run_id", "")  # maybe another sweep's trial
     doc = {"number": best.number, "value": best.value, "params": best.params, "run_id": best_run}
     mlflow.log_dict(doc, "optuna/best_trial.json")
     mlflow.log_metric(f"best_{metric}", best.value)
@@ -396,18 +393,22 @@ def run_sweep(config_dir: str | Path,  # the config folder
     tr = setup_tracking(cfg)
     env_run = adopt_env_run(tr.client(), tr.default_experiment_id)
     exp = tr.default_experiment_id
-    with dask_client(scheduler, workers, announce=progress) as dask, \
-         tracked_run("sweep", run_id=env_run.run_id, experiment_id=exp, tags={TAG_KIND: "sweep"}) as sweep:
-        mlflow.set_tags({TAG_KIND: "sweep", **({TAG_SWEEP_STUDY: name} if name else {})})
-        env_run.link(tr.client(), sweep.info.run_id)
-        log_sweep_data(cfg)
-        log_params({"sweep": {"search": search, "trials": plan.trials, "metric": plan.metric, "study": name or "",
-                              "workers": cluster_thread_count(dask), "study_storage": redact(study_storage or ""),
-                              "space": json.dumps({k: repr(v) for k, v in space.items()}),
-                              "scheduler": scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or "local"}})
-        table = _summary(run_search(dask, study, plan, sweep, tr, progress), plan.metric)
-        failed = int((table.status != "FINISHED").sum())
-        mlflow.log_metrics({"trials_finished": float(len(table) - failed), "trials_failed": float(failed)})
-        mlflow.log_table(table.astype(str), "sweep_trials.json")
-        log_study(study, plan.metric)
+    try:
+        with dask_client(scheduler, workers, announce=progress) as dask, \
+             tracked_run("sweep", run_id=env_run.run_id, experiment_id=exp, tags={TAG_KIND: "sweep"}) as sweep:
+            mlflow.set_tags({TAG_KIND: "sweep", **({TAG_SWEEP_STUDY: name} if name else {})})
+            env_run.link(tr.client(), sweep.info.run_id)
+            log_sweep_data(cfg)
+            log_params({"sweep": {"search": search, "trials": plan.trials, "metric": plan.metric, "study": name or "",
+                                  "workers": cluster_thread_count(dask), "study_storage": redact(study_storage or ""),
+                                  "space": json.dumps({k: repr(v) for k, v in space.items()}),
+                                  "scheduler": scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or "local"}})
+            table = _summary(run_search(dask, study, plan, sweep, tr, progress), plan.metric)
+            failed = int((table.status != "FINISHED").sum())
+            mlflow.log_metrics({"trials_finished": float(len(table) - failed), "trials_failed": float(failed)})
+            mlflow.log_table(table.astype(str), "sweep_trials.json")
+            log_study(study, plan.metric)
+    except KeyboardInterrupt:  # the local workers died with their trials: no trial run stays RUNNING
+        if not (scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")): end_orphaned_runs([exp], client=tr.client())
+        raise
     return sweep.info.run_id, table

@@ -177,6 +177,30 @@ def test_a_worker_killed_mid_trial_leaves_exactly_one_finished_run_per_trial(pro
     assert sweep.info.status == "FINISHED" and sweep.data.metrics["trials_finished"] == 4
 
 
+def test_sigterm_mid_sweep_leaves_no_run_running(project):
+    "SIGTERM the command while its LocalCluster trains: the sweep run ends KILLED, its trials' runs are ended too."
+    uri = f"sqlite:///{project}/mlflow.db"
+    exe = Path(sys.executable).parent / "mlflow-nb"
+    proc = subprocess.Popen([str(exe), "sweep", "--workers", "2", "--quiet", "-o", "model.params.n_estimators=300",
+                             "-g", "model.params.max_depth=2,3,4,5,6,7"], cwd=project, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env())
+    client, deadline = MlflowClient(uri, uri), time.time() + 180
+    try:
+        while time.time() < deadline and proc.poll() is None and not (
+                (project / "mlflow.db").exists() and _runs(client, "development", f"attributes.status = 'RUNNING' and tags.`{TRIAL}` != ''")):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None: proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err.strip().splitlines()[-1]
+    [sweep] = _sweep_runs(client, "development")
+    assert sweep.info.status == "KILLED"
+    trials = _trials(client, "development", sweep.info.run_id)
+    assert trials and not [r for r in trials if r.info.status == "RUNNING"]
+
+
 # -- Optuna searches ----------------------------------------------------------------------------------------------
 
 SPACE = "model.params.max_depth: {int: [2, 12]}\nmodel.params.max_features: {float: [0.3, 1.0]}\n"
