@@ -88,8 +88,10 @@ def test_bad_sweep_arguments_exit_2_in_one_line_and_start_nothing(project):
     (project / "list.yaml").write_text("- 1\n- 2\n")
     (project / "reversed.yaml").write_text("model.params.max_depth: {int: [16, 2]}\n")
     (project / "range.yaml").write_text("model.params.max_depth: {int: [2, 16]}\n")
-    for args, msg in BAD:
-        r = run_cli(*args, cwd=project)
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(4) as pool:  # independent commands: run a few at once
+        results = list(pool.map(lambda args: run_cli(*args, cwd=project), [args for args, _ in BAD]))
+    for (args, msg), r in zip(BAD, results):
         assert r.returncode == 2, (args, r.stderr)
         assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     uri = f"sqlite:///{project}/mlflow.db"
