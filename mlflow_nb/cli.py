@@ -15,7 +15,7 @@ from .config import load_config, resolve_uri
 # %% auto #0
 __all__ = ['COMMON', 'COMMANDS', 'Arg', 'command', 'build_parser', 'main', 'config_from_args', 'configured', 'cmd_init',
            'cmd_train', 'cmd_select', 'cmd_promote', 'cmd_rollback', 'cmd_history', 'cmd_run', 'cmd_sweep',
-           'cmd_reproduce', 'cmd_serve', 'cmd_monitor', 'cmd_cleanup']
+           'cmd_predict', 'cmd_reproduce', 'cmd_serve', 'cmd_monitor', 'cmd_cleanup']
 
 # %% ../nbs/19_cli.ipynb #9d0025a6
 def Arg(*flags,  # option strings ("--cv", "-o", "--override") or a positional name
@@ -254,27 +254,61 @@ def cmd_run(args) -> int:
     return 0
 
 # %% ../nbs/19_cli.ipynb #7303dae4
-@command("sweep", "train a grid of configs in parallel processes", [
+@command("sweep", "search a space of configs (grid, random, TPE) on Dask, each trial a child run", [
     Arg("-g", "--grid", action="append", default=[], metavar="KEY=V1,V2", help="config key and values (repeatable)"),
-    Arg("--grid-file", metavar="FILE", help="YAML mapping of config key: [values]"),
-    Arg("--workers", type=int, default=2, help="parallel worker processes (default 2)"),
+    Arg("--space", metavar="FILE", help="YAML search space, key: [values] | {int: [lo, hi]} | "
+                                         "{float: [lo, hi], log: true} | {choice: [...]}"),
+    Arg("--grid-file", metavar="FILE", help="the same as --space (kept for grids)"),
+    Arg("--search", default="grid", choices=["grid", "random", "tpe"], help="how to pick trials (default grid)"),
+    Arg("--trials", type=int, metavar="N", help="how many trials (default: the grid's size; 20 for random and tpe)"),
+    Arg("--workers", type=int, default=2, help="worker processes of the local Dask cluster (default 2)"),
+    Arg("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler, e.g. tcp://host:8786 "
+                                               "(default: DASK_SCHEDULER_ADDRESS, else a local cluster)"),
+    Arg("--study-storage", metavar="URL", help="Optuna RDB storage to resume or join a study, e.g. postgresql://..."),
+    Arg("--study-name", metavar="NAME", help="the study's name in --study-storage (default: MODEL-SEARCH)"),
     Arg("--top", type=int, default=10, help="rows of the summary table"),
     Arg("--quiet", action="store_true", help="no progress bar"),
-])
+], exclusive=("space", "grid_file"))
 def cmd_sweep(args) -> int:
-    "Train every combination of a parameter grid in parallel processes."
-    from mlflow_nb.sweep import parse_grid, run_sweep
-    grid_text = None
-    if args.grid_file:
-        if not Path(args.grid_file).is_file(): raise MlflowNbError(f"--grid-file: {args.grid_file}: file not found")
-        grid_text = Path(args.grid_file).read_text()
-    grid = parse_grid(args.grid, grid_text)
-    sweep_id, table = run_sweep(args.config, grid, workers=args.workers, overrides=_overrides(args), progress=not args.quiet)
+    "Search a space of configs on Dask; print the trials, best first."
+    from mlflow_nb.sweep import run_sweep, search_space
+    flag, path = ("--space", args.space) if args.space else ("--grid-file", args.grid_file)
+    if path and not Path(path).is_file(): raise MlflowNbError(f"{flag}: {path}: file not found")
+    space = search_space(args.grid, Path(path).read_text() if path else None, where=f"{flag} {path}")
+    sweep_id, table = run_sweep(args.config, space, args.search, args.trials, args.workers, _overrides(args),
+                                args.scheduler, args.study_storage, args.study_name, progress=not args.quiet)
     print(f"sweep run      : {sweep_id}")
     print(table.head(args.top).to_string(index=False))
     failed = int((table.status != "FINISHED").sum())
     if failed: print(f"{failed} of {len(table)} trials failed", file=sys.stderr)
     return 1 if failed else 0
+
+# %% ../nbs/19_cli.ipynb #a7c3e915
+@command("predict", "score CSV/Parquet files of any size with a registered model on Dask", [
+    Arg("--input", required=True, metavar="DATA", help="a .csv or .parquet file, or a folder of them"),
+    Arg("--output", required=True, metavar="OUT", help="a new folder for predictions/ and rejects/ (Parquet)"),
+    Arg("--model", metavar="NAME@ALIAS", help="default: model.name@promotion.alias; NAME/VERSION for a version"),
+    Arg("--keep", metavar="COL,...", help="key columns to copy into the output (default: a row_id)"),
+    Arg("--workers", type=int, default=2, help="worker processes of the local Dask cluster (default 2)"),
+    Arg("--scheduler", metavar="ADDRESS", help="a Dask scheduler (default: DASK_SCHEDULER_ADDRESS, else local)"),
+    Arg("--blocksize", type=int, default=32, metavar="MB", help="CSV megabytes per partition (default 32)"),
+    Arg("--quiet", action="store_true", help="no progress bar"),
+])
+def cmd_predict(args) -> int:
+    "Score a large input with a registered model; print the counts."
+    from mlflow_nb.predict import predict_files
+    if args.blocksize < 1: raise MlflowNbError(f"--blocksize: must be at least 1 MB, got {args.blocksize}")
+    cfg, tr = configured(args)
+    model = args.model or f"{cfg.model.estimator.name}@{cfg.model.promotion.alias}"
+    keep = [c.strip() for c in args.keep.split(",") if c.strip()] if args.keep else []
+    res = predict_files(args.input, args.output, model, tr, keep, args.scheduler, args.workers, args.blocksize << 20,
+                        progress=not args.quiet)
+    print(f"predict run    : {res.run_id} (experiment {tr.experiment_names['production']})")
+    print(f"model          : {res.model_uri}")
+    print(f"rows in        : {res.rows_in} in {res.partitions} partitions")
+    print(f"predictions    : {res.predictions} -> {res.output}/predictions")
+    print(f"rejects        : {res.rejects}" + (f" -> {res.output}/rejects" if res.rejects else ""))
+    return 0
 
 # %% ../nbs/19_cli.ipynb #9f56b33d
 @command("reproduce", "re-run a logged pipeline or training run and compare its metrics", [

@@ -15,9 +15,10 @@ __all__ = ['TAG_KIND', 'TAG_STEP', 'TAG_ERROR', 'TAG_CONFIG_DIGEST', 'TAG_MODEL'
            'TAG_REGISTERED_VERSION', 'TAG_HOST', 'TAG_PID', 'TAG_BOOT', 'TAG_PRIMARY_METRIC', 'TAG_SWEEP_TRIAL',
            'TAG_STARTED_RUN', 'TAG_REPRODUCES', 'TAG_GIT_BRANCH', 'TAG_GIT_DIRTY', 'TAG_SOURCE', 'TAG_DATASET_DRIFT',
            'TAG_DRIFTED', 'TAG_ALERTS', 'TAG_UNCHECKED_METRICS', 'TAG_PROMOTED_AT', 'TAG_PROMOTED_BY',
-           'TAG_PROMOTION_REASON', 'TAG_PREVIOUS_VERSION', 'TAG_PROMOTED_ALIAS', 'HISTORY_PREFIX', 'GIT_COMMIT',
-           'PARENT_RUN', 'LOCK_PREFIX', 'REDACTED', 'MlflowNbError', 'error_line', 'step_tag', 'redact', 'redact_url',
-           'quiet_migrations', 'TempStore', 'temp_store']
+           'TAG_PROMOTION_REASON', 'TAG_PREVIOUS_VERSION', 'TAG_PROMOTED_ALIAS', 'TAG_SWEEP_STUDY',
+           'TAG_SWEEP_BEST_RUN', 'HISTORY_PREFIX', 'GIT_COMMIT', 'PARENT_RUN', 'LOCK_PREFIX', 'REDACTED',
+           'MlflowNbError', 'error_line', 'step_tag', 'redact', 'redact_url', 'quiet_migrations', 'TempStore',
+           'temp_store']
 
 # %% ../nbs/00_core.ipynb #cdf51e48
 class MlflowNbError(Exception):
@@ -54,6 +55,8 @@ TAG_UNCHECKED_METRICS = "mlflow_nb.unchecked_metrics"  # metrics a monitoring ch
 TAG_PROMOTED_AT, TAG_PROMOTED_BY = "mlflow_nb.promoted_at", "mlflow_nb.promoted_by"
 TAG_PROMOTION_REASON, TAG_PREVIOUS_VERSION = "mlflow_nb.promotion_reason", "mlflow_nb.previous_version"
 TAG_PROMOTED_ALIAS = "mlflow_nb.promoted_alias"
+TAG_SWEEP_STUDY = "mlflow_nb.sweep.study"  # on a sweep run: the Optuna study it asked (study name)
+TAG_SWEEP_BEST_RUN = "mlflow_nb.sweep.best_run_id"  # on a sweep run: the child run of its best trial
 HISTORY_PREFIX = "mlflow_nb.promotion."  # registered-model tags: one promotion or rollback event each
 GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own tag for the commit a run's code came from
 PARENT_RUN = "mlflow.parentRunId"  # MLflow's own tag linking a child run to its parent

@@ -96,3 +96,10 @@ def tproject(tmp_path, team):
     model = (cfg / "model_config.yaml").read_text().replace('name: "diabetes_regressor"', f'name: "model_{tag}"')
     (cfg / "model_config.yaml").write_text(model)
     return tmp_path, team["uri"], f"dev_{tag}", f"model_{tag}"
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    "{'address', 'dir'} of a running Dask scheduler with two single-threaded workers (.ci/run's, or started here)."
+    from support import dask_cluster
+    return dask_cluster.shared(lambda: tmp_path_factory.mktemp("dask"))

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-import team_server
 from conftest import CONFIGS, ROOT, child_env, run_cli
 
 FAST = ["-o", "model.params.n_estimators=30", "-o", "validation.cv_folds=3"]
@@ -300,30 +299,10 @@ def test_bad_pipeline_arguments_exit_2(project):
                       (["run", "-y", "[1, 2]"], "expected a mapping"),
                       (["run", "-y", "x" * 5000], "expected a mapping"),
                       (["run", "--notebooks", "nowhere"], "step notebooks not found"),
-                      (["sweep"], "grid is empty"),
-                      (["sweep", "-g", "model.params.max_depth=3,oops"], "max_depth"),
                       (["reproduce", "f" * 32], "not found")):
         r = run_cli(*args, cwd=project)
         assert r.returncode == 2, (args, r.stderr)
         assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-
-
-def test_sweep_8_trials_4_workers_on_a_fresh_sqlite_store(project):
-    r = run_cli("sweep", "--workers", "4", "--quiet", "-g", "model.params.n_estimators=10,20",
-                "-g", "model.params.max_depth=2,4,6,8", cwd=project)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "database is locked" not in r.stderr and "alembic" not in r.stderr.lower()
-    db = sqlite3.connect(project / "mlflow.db")
-    trials = db.execute("select run_uuid, status from runs where run_uuid in "
-                        "(select run_uuid from tags where key = 'mlflow_nb.sweep_trial')").fetchall()
-    assert len(trials) == 8 and {s for _, s in trials} == {"FINISHED"}
-    metrics = db.execute("select count(*) from latest_metrics where key in ('rmse', 'mae', 'r2') and run_uuid in "
-                         "(select run_uuid from tags where key = 'mlflow_nb.sweep_trial')").fetchone()[0]
-    assert metrics == 8 * 3
-    sweep_status = db.execute("select status from runs where run_uuid in (select run_uuid from tags where "
-                              "key = 'mlflow_nb.kind' and value = 'sweep')").fetchall()
-    assert sweep_status == [("FINISHED",)]
-    assert "rmse" in r.stdout  # the summary table
 
 
 def test_the_readme_mlflow_project_command_as_written(tmp_path):
@@ -347,19 +326,6 @@ def test_the_readme_mlflow_project_command_as_written(tmp_path):
 
 
 # --- the team server: PostgreSQL + `mlflow server`, given only by MLFLOW_TRACKING_URI, with a password in it ---
-
-@pytest.fixture(scope="module")
-def team(tmp_path_factory):
-    "The team server's state: {'uri', ...}: .ci/run's (MLFLOW_NB_TEAM_DIR) or one started for this module."
-    if not team_server.available(): pytest.skip("PostgreSQL binaries are not installed")
-    given = os.environ.get("MLFLOW_NB_TEAM_DIR")
-    if given:
-        yield json.loads((Path(given) / "state.json").read_text()); return
-    d = tmp_path_factory.mktemp("team")
-    state = team_server.start(d)
-    try: yield state
-    finally: team_server.stop(d)
-
 
 def test_pipeline_on_the_team_server_by_uri_with_a_password(tmp_path, team):
     """`MLFLOW_TRACKING_URI=http://user:password@host:port mlflow-nb run`: everything lands on the server, nothing is

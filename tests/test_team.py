@@ -3,7 +3,7 @@
 The server comes from the environment when .ci/run started one (MLFLOW_NB_TEAM_DIR, with state.json), or is
 started here for the session. Everything binds 127.0.0.1 and is stopped at the end.
 """
-import json, os, shutil, signal, sqlite3, subprocess, sys, time
+import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 
 import httpx
@@ -46,45 +46,6 @@ def test_pipeline_registry_and_monitoring_against_the_server(tproject):
     assert r.returncode == 0 and "(and in monitoring run" in r.stdout, r.stderr[-2000:]
 
 
-def _count(client, exp, metric_keys, artifact_paths):
-    runs = _runs(client, exp, "tags.`mlflow_nb.sweep_trial` != ''")
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    metrics = sum(1 for r in finished for k in metric_keys if k in r.data.metrics)
-    arts = 0
-    for r in finished:
-        present = {a.path for a in client.list_artifacts(r.info.run_id, "configs")} | \
-                  {a.path for a in client.list_artifacts(r.info.run_id, "monitoring")}
-        arts += len(present & artifact_paths)
-    return len(runs), len(finished), metrics, arts
-
-
-SENT_ARTIFACTS = {"configs/mlflow_config.yaml", "configs/model_config.yaml", "configs/serving_config.yaml",
-                  "configs/effective_config.json", "monitoring/reference_profile.json"}
-
-
-def test_sweep_16_with_8_workers_against_the_server(tproject):
-    project, uri, exp, _ = tproject
-    t0 = time.perf_counter()
-    r = run_cli("sweep", "--workers", "8", "--quiet", "-g", "model.params.n_estimators=10,20,30,40",
-                "-g", "model.params.max_depth=2,4,6,8", cwd=project, timeout=600)
-    secs = time.perf_counter() - t0
-    assert r.returncode == 0, r.stderr[-3000:]
-    client = MlflowClient(uri, uri)
-    assert _count(client, exp, ("rmse", "mae", "r2"), SENT_ARTIFACTS) == (16, 16, 16 * 3, 16 * 5)
-    print(f"server sweep: 16 trials, 8 workers, {secs:.1f} s, {16 / secs:.2f} runs/s, 0 errors")
-
-
-def test_sweep_8_with_4_workers_on_a_fresh_sqlite_store(project):
-    t0 = time.perf_counter()
-    r = run_cli("sweep", "--workers", "4", "--quiet", "-g", "model.params.n_estimators=10,20",
-                "-g", "model.params.max_depth=2,4,6,8", cwd=project)
-    secs = time.perf_counter() - t0
-    assert r.returncode == 0, r.stderr[-3000:]
-    uri = f"sqlite:///{project}/mlflow.db"
-    assert _count(MlflowClient(uri, uri), "development", ("rmse", "mae", "r2"), SENT_ARTIFACTS) == (8, 8, 8 * 3, 8 * 5)
-    print(f"sqlite sweep: 8 trials, 4 workers, {secs:.1f} s, {8 / secs:.2f} runs/s, 0 errors")
-
-
 def test_a_killed_pipeline_is_cleaned_up_and_a_rerun_succeeds(project):
     "SIGKILL the pipeline runner mid-step: its runs end FAILED at the next start; the champion is untouched."
     assert run_cli("train", *FAST, cwd=project).returncode == 0
@@ -110,33 +71,6 @@ def test_a_killed_pipeline_is_cleaned_up_and_a_rerun_succeeds(project):
     # the champion moved only through the passing promote step of the re-run (or stayed): never by the killed one
     hist = client.get_registered_model("diabetes_regressor").tags
     assert all(json.loads(v)["action"] == "promote" for k, v in hist.items() if k.startswith("mlflow_nb.promotion."))
-
-
-def test_server_stopped_mid_sweep_gives_a_clear_error_and_nothing_half_registered(tproject, team):
-    project, uri, exp, model = tproject
-    exe = Path(sys.executable).parent / "mlflow-nb"
-    proc = subprocess.Popen([str(exe), "sweep", "--workers", "2", "--quiet", "-g", "model.params.max_depth=2,3,4,5,6,7"],
-                            cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
-    client = MlflowClient(uri, uri)
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(r.info.status == "FINISHED" for r in _runs(client, exp, "tags.`mlflow_nb.sweep_trial` != ''")):
-        time.sleep(0.3)
-    team_server.stop_mlflow(team)
-    t0 = time.time()
-    try:
-        out, err = proc.communicate(timeout=240)
-    finally:
-        state = team_server.restart_mlflow(team)
-        team.update(state)
-    assert proc.returncode != 0
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("mlflow-nb: tracking server unreachable") or "failed" in last, err[-2000:]
-    assert time.time() - t0 < 200  # bounded retries, not MLflow's default minutes per call
-    client = MlflowClient(uri, uri)
-    assert client.search_registered_models(f"name = '{model}'") == []  # sweeps register nothing: nothing half-registered
-    r = run_cli("cleanup", "--older-than", "0", cwd=project)
-    assert r.returncode == 0
-    assert [x for x in _runs(client, exp) if x.info.status == "RUNNING"] == []
 
 
 def test_the_scoring_service_keeps_answering_while_the_tracking_server_is_down(tproject, team):

@@ -1,0 +1,123 @@
+"""Sweep scaling on Dask and the per-trial overhead of a sweep trial.
+
+Same data (a synthetic 20,000-row regression CSV, 10 features: each fit takes about a second), same 16
+configurations (RandomForestRegressor, n_estimators 40, max_depth 4..11 x max_features 0.5/1.0), three sides:
+  (a) `run_sweep` on a LocalCluster of 1 worker process,
+  (b) `run_sweep` on a LocalCluster of 2 worker processes (target: (a)/(b) >= 1.7x on 2 cores),
+  (c) the anchor: a bare loop in one process, for each config: split, fit, score, `mlflow.start_run`,
+      log params + metrics, `mlflow.sklearn.log_model` in skops format with a signature and explicit requirements
+      (no requirement inference on either side, as mlflow_nb logs its models) (target: (a) <= 1.10 x (c)).
+The clusters are started before timing (their start-up is reported apart) and warmed up by a 2-trial sweep, so
+the workers have imported everything; the anchor is warmed up by one fit + log. Rounds are interleaved, each on
+a fresh SQLite store; medians are reported.
+
+    flock /tmp/mlflow_nb_bench.lock python benchmarks/sweep.py [--rounds 2] [--trials 16]
+"""
+from __future__ import annotations
+import argparse, itertools, json, os, sys, time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import median, temp_project, write_results
+
+DEPTHS, FEATURES = list(range(4, 12)), [0.5, 1.0]
+
+
+def make_data(path: Path, rows: int = 20_000, seed: int = 0) -> None:
+    import numpy as np, pandas as pd
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(rows, 10))
+    y = X @ rng.normal(size=10) + np.sin(X[:, 0] * 3) * 2 + rng.normal(scale=0.5, size=rows)
+    pd.DataFrame(X, columns=[f"x{i}" for i in range(10)]).assign(target=y).to_csv(path, index=False)
+
+
+def grid(trials: int) -> list[dict]:
+    combos = [{"model.params.max_depth": d, "model.params.max_features": f} for d, f in itertools.product(DEPTHS, FEATURES)]
+    return combos[:trials]
+
+
+def overrides(folder: Path) -> list[str]:
+    return [f"data.source={folder / 'data.csv'}", "model.params.n_estimators=40", "validation.cv_folds=3"]
+
+
+def sweep_seconds(folder: Path, address: str, trials: int) -> float:
+    "One sweep of `trials` configs through the scheduler at `address`, on a fresh store in `folder`."
+    from mlflow_nb.sweep import run_sweep, search_space
+    combos = grid(trials)
+    space = search_space([f"{k}={','.join(json.dumps(c[k]) for c in combos)}" for k in combos[0]])
+    store = folder / f"sweep-{time.time_ns()}.db"
+    t0 = time.perf_counter()
+    _, table = run_sweep(folder / "configs", space, "grid", trials, overrides=[*overrides(folder), f"tracking_server.uri=sqlite:///{store}"],
+                         scheduler=address, progress=False)
+    secs = time.perf_counter() - t0
+    assert (table.status == "FINISHED").sum() == trials, table
+    return secs
+
+
+def bare_loop_seconds(folder: Path, trials: int) -> float:
+    "The anchor: fit and log each config in this process with plain MLflow calls."
+    import mlflow, pandas as pd
+    from mlflow.models import infer_signature
+    from sklearn.ensemble import RandomForestRegressor
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+    from sklearn.model_selection import train_test_split
+    store = folder / f"bare-{time.time_ns()}.db"
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    mlflow.set_experiment("bare")
+    t0 = time.perf_counter()
+    for c in grid(trials):
+        df = pd.read_csv(folder / "data.csv")
+        X, y = df.drop(columns="target"), df["target"]
+        Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, random_state=42)
+        params = {"n_estimators": 40, "max_depth": c["model.params.max_depth"], "max_features": c["model.params.max_features"]}
+        with mlflow.start_run():
+            model = RandomForestRegressor(random_state=42, **params).fit(Xtr, ytr)
+            pred = model.predict(Xte)
+            mlflow.log_params(params)
+            mlflow.log_metrics({"rmse": mean_squared_error(yte, pred) ** 0.5, "mae": mean_absolute_error(yte, pred),
+                                "r2": r2_score(yte, pred)})
+            mlflow.sklearn.log_model(model, name="model", signature=infer_signature(Xte.head(5), pred[:5]),
+                                     serialization_format="skops", skops_trusted_types=["sklearn.tree._tree.Tree"],
+                                     pip_requirements=["mlflow", "scikit-learn"])  # as mlflow_nb logs: skops, no inference
+    return time.perf_counter() - t0
+
+
+def main():
+    import logging, warnings
+    warnings.filterwarnings("ignore"); logging.getLogger("distributed").setLevel(logging.ERROR)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--trials", type=int, default=16)
+    args = ap.parse_args()
+    from distributed import LocalCluster
+    with temp_project() as (folder, _):
+        make_data(folder / "data.csv")
+        t = time.perf_counter(); one = LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None, silence_logs=40)
+        start_1 = time.perf_counter() - t
+        t = time.perf_counter(); two = LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, silence_logs=40)
+        start_2 = time.perf_counter() - t
+        try:
+            for c in (one, two): sweep_seconds(folder, c.scheduler_address, 2)  # warm-up: imports on every worker
+            bare_loop_seconds(folder, 1)
+            s1, s2, bare = [], [], []
+            for r in range(args.rounds):
+                s1.append(sweep_seconds(folder, one.scheduler_address, args.trials))
+                s2.append(sweep_seconds(folder, two.scheduler_address, args.trials))
+                bare.append(bare_loop_seconds(folder, args.trials))
+                print(f"round {r + 1}: 1 worker {s1[-1]:.1f} s, 2 workers {s2[-1]:.1f} s, bare loop {bare[-1]:.1f} s", flush=True)
+        finally:
+            one.close(); two.close()
+    m1, m2, mb = median(s1), median(s2), median(bare)
+    res = {"trials": args.trials, "rounds": args.rounds, "one_worker_s": s1, "two_workers_s": s2, "bare_loop_s": bare,
+           "median_one_worker_s": m1, "median_two_workers_s": m2, "median_bare_loop_s": mb,
+           "scaling_2_vs_1": m1 / m2, "per_trial_overhead_vs_bare": m1 / mb - 1,
+           "per_trial_s": {"one_worker": m1 / args.trials, "bare_loop": mb / args.trials},
+           "cluster_start_s": {"one_worker": start_1, "two_workers": start_2}}
+    print(f"scaling 2 vs 1 worker: {res['scaling_2_vs_1']:.2f}x (target >= 1.7x); per-trial overhead vs bare loop: "
+          f"{100 * res['per_trial_overhead_vs_bare']:+.1f}% (target <= 10%)")
+    write_results("sweep", res)
+
+
+if __name__ == "__main__":
+    main()
