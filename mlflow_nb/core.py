@@ -126,7 +126,12 @@ class TempStore:
         self._saved = (env, mlflow.get_tracking_uri(), mlflow.get_registry_uri())
         mlflow.set_tracking_uri(self.uri); mlflow.set_registry_uri(self.uri)
         self._restore_env(env)  # MLflow exported the URI; the variable stays the user's
-        with quiet_migrations(): mlflow.MlflowClient(self.uri).search_experiments(max_results=1)  # create the tables
+        with quiet_migrations(): client = mlflow.MlflowClient(self.uri)  # creates the tables
+        exp = client.get_experiment_by_name("scratch") or client.get_experiment(client.create_experiment(
+            "scratch", artifact_location=(self.artifacts / "scratch").as_uri()))
+        # the active experiment: this store's own, never an id left over from another store in this process, and
+        # never MLflow's Default, whose artifacts would go to ./mlruns of the current directory
+        mlflow.set_experiment(experiment_id=exp.experiment_id)
         return self
 
     @staticmethod
