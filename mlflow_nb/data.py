@@ -178,13 +178,22 @@ def log_dataset_inputs(split: Split,  # the train/test split
                        source: str,  # `data.source`
                       ) -> dict[str, str]:
     "Log train and test sets as inputs of the active run; returns their digests."
-    import mlflow
     out = {}
     for ctx, X, y in (("training", split.X_train, split.y_train), ("evaluation", split.X_test, split.y_test)):
         ds = dataset_input(X, y, source, ctx)
-        mlflow.log_input(ds, context=ctx)
+        _log_input(ds, ctx)
         out[ctx] = ds.digest
     return out
+
+def _log_input(ds, ctx: str, tries: int = 3) -> None:
+    "`mlflow.log_input`, retried: two runs logging the same new data set at once race to create its record."
+    import random, time, mlflow
+    from mlflow.exceptions import MlflowException
+    for attempt in range(tries):
+        try: return mlflow.log_input(ds, context=ctx)
+        except MlflowException:
+            if attempt == tries - 1: raise
+            time.sleep(0.05 + random.random() * 0.2)  # the other writer's record exists by now
 
 # %% ../nbs/06_data.ipynb #aa0e3fd3
 GRID = np.linspace(0, 1, 1001)  # the quantile levels of a numeric column's profile

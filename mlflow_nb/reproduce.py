@@ -115,6 +115,17 @@ def _reproduce_pipeline(client, orig, cfg: Config, notebooks, tags: dict) -> tup
     pairs = [(s, child, res.step_runs[s]) for s, child in _children(client, run_id).items() if s in res.step_runs]
     return res.run_id, pairs, orig.data.tags.get(step_tag("train", "run_id")), res.step_runs.get("train")
 
+def _reproduce_training(orig, cfg: Config, tags: dict) -> str:
+    "Train again from `cfg`, cross-validating too when the original run did (`train --cv`); the new run's id."
+    from mlflow_nb.train import cross_val_metrics, prepare_data
+    from mlflow_nb.tracking import tracked_run
+    setup_tracking(cfg)
+    prep = prepare_data(cfg)
+    new = train_model(prep, cfg, register=False, run_name="reproduce", tags=tags)
+    if "cv_folds" in orig.data.params:
+        with tracked_run(run_id=new.run_id): cross_val_metrics(cfg, prep)
+    return new.run_id
+
 def reproduce(run_id: str,  # a pipeline or training run
               tracking_uri: str | None = None,  # the store (default: MLflow's current one)
               notebooks: str | Path | None = None,  # folder of step notebooks, for pipeline runs
@@ -132,7 +143,6 @@ def reproduce(run_id: str,  # a pipeline or training run
     if kind == "pipeline":
         new_id, pairs, train_orig, train_new = _reproduce_pipeline(client, orig, cfg, notebooks, tags)
     else:
-        setup_tracking(cfg)
-        new = train_model(None, cfg, register=False, run_name="reproduce", tags=tags)
-        new_id, pairs, train_orig, train_new = new.run_id, [("train", run_id, new.run_id)], run_id, new.run_id
+        new = _reproduce_training(orig, cfg, tags)
+        new_id, pairs, train_orig, train_new = new, [("train", run_id, new)], run_id, new
     return Reproduction(run_id, new_id, compare_metrics(client, pairs), _warnings(client, orig, train_orig, train_new))

@@ -293,7 +293,9 @@ def tracked_run(name: str | None = None,  # run name
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         try: mlflow.set_tag(TAG_ERROR, redact(error_line(e, limit=5000)))
         except Exception: pass  # the store may be the thing that failed; ending the run matters more
-        finally: mlflow.end_run(status)
+        try: mlflow.end_run(status)
+        except Exception as lost:  # the store is down: the error to report is still the one that ended the run
+            log.warning("could not end run %s as %s: %s", run.info.run_id, status, redact(error_line(lost)))
         raise
     else: mlflow.end_run("FINISHED")
 

@@ -72,3 +72,11 @@ def test_a_stored_config_cannot_make_reproduce_read_a_file_outside_the_project(p
     shutil.copy(outside, project / "copy.csv")
     r = run_cli("reproduce", run_id, "--data", "copy.csv", cwd=project)
     assert r.returncode == 0 and "all metrics identical" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_cross_validated_training_run_reproduces_its_cv_metrics_too(project):
+    r = run_cli("train", "--cv", "--no-register", *FAST, "-o", "validation.cv_folds=3", cwd=project)
+    assert r.returncode == 0, r.stderr
+    run_id = r.stdout.split("run            : ")[1].split()[0]
+    r = run_cli("reproduce", run_id, cwd=project)
+    assert r.returncode == 0 and "all metrics identical" in r.stdout and "cv_rmse_mean" in r.stdout, r.stdout + r.stderr
