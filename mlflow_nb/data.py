@@ -18,7 +18,7 @@ from .config import DataSpec, Training
 
 # %% auto #0
 __all__ = ['BUNDLED', 'GRID', 'OTHER', 'PROFILE_PATH', 'DataError', 'load_dataset', 'select_xy', 'Split', 'split_data',
-           'column_kinds', 'to_model_frame', 'build_preprocessor', 'build_pipeline', 'dataset_input',
+           'column_kinds', 'to_model_frame', 'build_preprocessor', 'build_pipeline', 'dataset_input', 'frame_digest',
            'log_dataset_inputs', 'sorted_quantiles', 'build_profile']
 
 # %% ../nbs/06_data.ipynb #b7d1242e
@@ -166,31 +166,38 @@ def dataset_input(X: pd.DataFrame,  # features
                   source: str,  # `data.source`: a path or "sklearn:<name>"
                   name: str,  # the input's name, e.g. "training"
                  ):
-    "An `mlflow.data` PandasDataset of features and target, with `source` and a content digest."
+    "An `mlflow.data` PandasDataset of features and target, with `source` and a digest of every row."
     import mlflow.data
     from mlflow.data.code_dataset_source import CodeDatasetSource
     frame = X.assign(**{y.name: y.values})
     src = CodeDatasetSource(tags={"bundled": source}) if source.startswith("sklearn:") else source
-    return mlflow.data.from_pandas(frame, source=src, targets=str(y.name), name=name)
+    return mlflow.data.from_pandas(frame, source=src, targets=str(y.name), name=name, digest=frame_digest(frame))
+
+def frame_digest(frame: pd.DataFrame,  # the data
+                ) -> str:
+    "8 hex characters of md5 over every value, the column names and the row count."
+    import hashlib
+    h = hashlib.md5(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    h.update(repr((list(map(str, frame.columns)), len(frame))).encode())
+    return h.hexdigest()[:8]
 
 # %% ../nbs/06_data.ipynb #737d64a1
 def log_dataset_inputs(split: Split,  # the train/test split
                        source: str,  # `data.source`
                       ) -> dict[str, str]:
-    "Log train and test sets as inputs of the active run; returns their digests."
-    out = {}
-    for ctx, X, y in (("training", split.X_train, split.y_train), ("evaluation", split.X_test, split.y_test)):
-        ds = dataset_input(X, y, source, ctx)
-        _log_input(ds, ctx)
-        out[ctx] = ds.digest
-    return out
+    "Log train and test sets as inputs of the active run, in one call; returns their digests."
+    contexts = ("training", "evaluation")
+    sets = [dataset_input(X, y, source, ctx) for ctx, X, y in
+            zip(contexts, (split.X_train, split.X_test), (split.y_train, split.y_test))]
+    _log_inputs(sets, list(contexts))
+    return {ctx: ds.digest for ctx, ds in zip(contexts, sets)}
 
-def _log_input(ds, ctx: str, tries: int = 3) -> None:
-    "`mlflow.log_input`, retried: two runs logging the same new data set at once race to create its record."
+def _log_inputs(sets: list, contexts: list[str], tries: int = 3) -> None:
+    "`mlflow.log_inputs`, retried: two runs logging the same new data set at once race to create its record."
     import random, time, mlflow
     from mlflow.exceptions import MlflowException
     for attempt in range(tries):
-        try: return mlflow.log_input(ds, context=ctx)
+        try: return mlflow.log_inputs(datasets=sets, contexts=contexts, tags_list=[None] * len(sets))
         except MlflowException:
             if attempt == tries - 1: raise
             time.sleep(0.05 + random.random() * 0.2)  # the other writer's record exists by now

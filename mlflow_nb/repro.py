@@ -6,7 +6,7 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/repro.html.md"""
 
 # %% ../nbs/05_repro.ipynb #515e2013
 from __future__ import annotations
-import importlib.metadata as md, os, platform, random, re, subprocess, sys
+import functools, importlib.metadata as md, os, platform, random, re, subprocess, sys
 from pathlib import Path
 
 import mlflow
@@ -53,6 +53,7 @@ def package_versions(names=PACKAGES,  # distribution names
     return out
 
 # %% ../nbs/05_repro.ipynb #1212b0fe
+@functools.cache  # what is installed does not change while a process runs; reading it costs ~0.25 s
 def requirements_text() -> str:
     "Installed distributions as sorted `name==version` lines."
     seen = {}
