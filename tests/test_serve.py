@@ -593,3 +593,60 @@ def test_two_workers_share_the_load_one_serving_run_and_the_metrics(tmp_path_fac
     assert run.info.status == "FINISHED"
     files = [a.path for a in client.list_artifacts(run.info.run_id, "predictions")]
     assert len({f.split("-")[2] for f in files}) == 2  # windows from two worker processes, in one run
+
+
+def _mixed_csv(path):
+    "A small CSV with an integer column without gaps, a float, a string and a boolean column."
+    rng = np.random.default_rng(7)
+    n = 300
+    frame = pd.DataFrame({"count": rng.integers(0, 20, n), "ratio": rng.normal(1, 0.3, n).round(3),
+                          "color": rng.choice(["red", "green", "blue"], n), "flag": rng.choice([True, False], n)})
+    frame["target"] = (3 * frame["count"] + 10 * frame["ratio"] + 5 * (frame["color"] == "red") + 2 * frame["flag"]
+                       + rng.normal(0, 1, n))
+    frame.to_csv(path, index=False)
+
+
+def test_missing_values_in_every_column_kind_score_alike_everywhere(tmp_path_factory):
+    "Issue 11.4: pyfunc, `mlflow models serve` and `mlflow-nb serve` all score rows with a gap in any column."
+    project = _new_project(tmp_path_factory, "serve_missing")
+    _mixed_csv(project / "data.csv")
+    cfg = project / "configs" / "model_config.yaml"
+    text = cfg.read_text().replace('source: "sklearn:diabetes"', 'source: "../data.csv"')
+    cfg.write_text(text.replace('name: "diabetes_regressor"', 'name: "mixed"'))
+    for cmd in (["train"], ["promote", "--version", "1"]):
+        r = run_cli(*cmd, "--config", str(project / "configs"), "-o", "model.params.n_estimators=20", cwd=project)
+        assert r.returncode == 0, r.stderr
+    _store(project)
+    full = {"count": 4, "ratio": 1.2, "color": "red", "flag": "True"}  # as the model's signature types them
+    rows = [full] + [{**full, col: None} for col in full] + [{c: None for c in full}]
+    pyfunc = mlflow.pyfunc.load_model("models:/mixed@champion").predict(pd.DataFrame(rows)).tolist()
+    assert len(pyfunc) == len(rows) and all(np.isfinite(pyfunc))
+    ours = Server(project, "-o", "serve.log_predictions=false")
+    try:
+        schema = {c["name"]: c["type"] for c in httpx.get(f"{ours.url}/metadata").json()["input_schema"]}
+        assert schema == {"count": "double", "ratio": "double", "color": "string", "flag": "string"}, schema
+        r = httpx.post(f"{ours.url}/invocations", json={"dataframe_records": rows})
+        assert r.status_code == 200, r.text
+        served_ours = r.json()["predictions"]
+    finally:
+        ours.stop()
+    port = free_port()
+    uri = f"sqlite:///{project}/mlflow.db"
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    theirs = subprocess.Popen([str(mlflow_bin), "models", "serve", "-m", "models:/mixed@champion", "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port), "--workers", "1"], cwd=project, start_new_session=True,
+                              env=child_env({"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert theirs.poll() is None, theirs.stderr.read()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200: break
+            except httpx.HTTPError: time.sleep(0.3)
+        r = httpx.post(f"http://127.0.0.1:{port}/invocations", json={"dataframe_records": rows}, timeout=60)
+        assert r.status_code == 200, r.text
+        served_theirs = r.json()["predictions"]
+    finally:
+        os.killpg(theirs.pid, signal.SIGTERM); theirs.wait(30)
+    assert served_ours == pyfunc == served_theirs
