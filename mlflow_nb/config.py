@@ -156,7 +156,6 @@ class Serve(_Strict):
     alias: str | None = None  # None: promotion.alias
     max_batch_rows: int = Field(1024, ge=1)  # micro-batch cap, in rows
     max_wait_ms: float = Field(2.0, ge=0, le=1000)  # longest a request waits for others to join its batch
-    inline_predict_ms: float = Field(20, ge=0)  # predict on the event loop while a call averages less; 0: on a thread
     max_body_bytes: int = Field(1_048_576, ge=1024)  # larger request bodies get 413
     token_env: str = "MLFLOW_NB_SERVE_TOKEN"  # when this variable is set, /predict and /reload need the bearer token
     poll_seconds: float = Field(0, ge=0)  # > 0: check the alias this often and reload when it moves
