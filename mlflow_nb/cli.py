@@ -336,24 +336,29 @@ def cmd_reproduce(args,  # the parsed command line
     Arg("--model", metavar="NAME@ALIAS", help="what to serve (default: model.name@promotion.alias); NAME/VERSION for a version"),
     Arg("--host", help="bind address (default serve.host: 127.0.0.1)"),
     Arg("--port", type=int, help="port (default serve.port: 8080)"),
+    Arg("--workers", type=int, help="processes answering on the port (default serve.workers: 1)"),
 ])
 def cmd_serve(args) -> int:
     "Serve models:/name@alias over HTTP."
-    import uvicorn
-    from mlflow_nb.serve import create_app
+    import mlflow
+    from mlflow_nb.registry import check_trust, resolve_version
+    from mlflow_nb.serve import serve_forever
     cfg, tr = configured(args)
-    sv = cfg.serving.serve.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    given = {k: v for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers)) if v is not None}
+    if not 1 <= given.get("workers", 1) <= 64: raise MlflowNbError(f"--workers {args.workers}: give 1 to 64")
+    sv = cfg.serving.serve.model_copy(update=given)
     ref = args.model or f"{cfg.model.estimator.name}@{sv.alias or cfg.model.promotion.alias}"
     name, sep, alias = ref.replace("/", "@").partition("@")
     if not sep or not name or not alias: raise MlflowNbError(f"--model {ref!r}: expected NAME@ALIAS or NAME/VERSION")
-    from mlflow_nb.registry import resolve_version
     mv = resolve_version(name, alias)  # fail here, in one line, if the model or alias does not exist
+    uri = f"models:/{name}/{mv.version}"
+    check_trust(mlflow.models.Model.load(uri), uri, tuple(sv.allow_flavors))  # refuse before any worker starts
     if sv.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(sv.token_env):
         print(f"mlflow-nb: warning: serving on {sv.host} without a token: anyone who can reach it can call /predict "
               f"and /reload (set {sv.token_env})", file=sys.stderr, flush=True)
-    app = create_app(name, alias, sv, experiment_id=tr.production_experiment_id)
-    print(f"serving models:/{name}@{alias} (version {mv.version}) on http://{sv.host}:{sv.port}", flush=True)
-    uvicorn.run(app, host=sv.host, port=sv.port, workers=1, log_level="warning", access_log=False)
+    print(f"serving models:/{name}@{alias} (version {mv.version}) on http://{sv.host}:{sv.port}"
+          f" with {sv.workers} worker(s)", flush=True)
+    serve_forever(name, alias, sv, tr.production_experiment_id, sv.workers)
     return 0
 
 # %% ../nbs/19_cli.ipynb #f44518a3

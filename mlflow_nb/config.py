@@ -190,8 +190,12 @@ class Serve(_Strict):
     token_env: str = "MLFLOW_NB_SERVE_TOKEN"  # when this variable is set, /predict and /reload need the bearer token
     poll_seconds: float = Field(0, ge=0)  # > 0: check the alias this often and reload when it moves
     log_predictions: bool = True  # log requests and predictions in batches to a serving run
-    log_queue_requests: int = Field(10_000, ge=1)  # bounded queue of the background logger; when full, drop and count
-    log_window_seconds: float = Field(60, gt=0)  # a Parquet file and summary metrics per window
+    log_queue_requests: int = Field(10_000, ge=1)  # requests waiting to be logged; past that, dropped and counted
+    log_flush_rows: int = Field(5_000, ge=1)  # a Parquet window as soon as this many rows wait...
+    log_window_seconds: float = Field(60, gt=0)  # ...or after this many seconds, whichever comes first
+    parse_in_thread_bytes: int = Field(65_536, ge=0)  # bodies this large are parsed and validated off the event loop
+    workers: int = Field(1, ge=1, le=64)  # processes answering on the port, each with its own model, batcher and log
+    allow_flavors: list[str] = []  # also load these flavors, though loading runs their code
 
 class Monitor(_Strict):
     "Drift thresholds, performance tolerances and alert sinks: the `monitor` section of serving_config.yaml."
