@@ -10,7 +10,7 @@ from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow
-from mlflow_nb.config import Artifacts, MlflowConfig, TrackingServer
+from mlflow_nb.settings import Artifacts, MlflowConfig, TrackingServer
 from mlflow_nb.tracking import MetricBuffer, setup_tracking, tracked_run
 
 

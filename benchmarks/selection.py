@@ -15,7 +15,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow_nb.config import Artifacts, MlflowConfig, TrackingServer
+from mlflow_nb.settings import Artifacts, MlflowConfig, TrackingServer
 from mlflow_nb.registry import select_best_run
 from mlflow_nb.tracking import setup_tracking
 

@@ -82,7 +82,7 @@ def prepare(d: Path, cfg):
     "Train and promote the default model; write the request bodies; (model name, bodies, BentoML environment)."
     import mlflow
     from mlflow_nb.data import load_dataset
-    from mlflow_nb.registry import promote
+    from mlflow_nb.promotion import promote
     from mlflow_nb.tracking import setup_tracking
     from mlflow_nb.train import train_model
     setup_tracking(cfg)

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import pandas as pd
 
 from .core import redact_url
-from .config import Monitor
+from .settings import Monitor
 from .drift import DriftReport
 
 # %% auto #0

@@ -190,7 +190,8 @@ def cmd_select(args,  # the parsed command line
 def cmd_promote(args,  # the parsed command line
                ) -> int:
     "Promote a version behind the configured gates."
-    from mlflow_nb.registry import promote, select_best_run
+    from mlflow_nb.promotion import promote
+    from mlflow_nb.registry import select_best_run
     cfg, tr = configured(args)
     version = args.version
     if args.best:
@@ -211,7 +212,7 @@ def cmd_promote(args,  # the parsed command line
 def cmd_rollback(args,  # the parsed command line
                 ) -> int:
     "Give the alias back to its previous holder."
-    from mlflow_nb.registry import rollback
+    from mlflow_nb.promotion import rollback
     cfg, _ = configured(args)
     v = rollback(cfg.model.estimator.name, cfg.model.promotion.alias, reason=args.reason)
     print(f"rolled back    : models:/{cfg.model.estimator.name}@{cfg.model.promotion.alias} -> version {v}")
@@ -223,7 +224,7 @@ def cmd_history(args,  # the parsed command line
                ) -> int:
     "Print the promotion history of the configured alias."
     from mlflow.exceptions import MlflowException
-    from mlflow_nb.registry import promotion_history
+    from mlflow_nb.promotion import promotion_history
     cfg, _ = configured(args)
     try: h = promotion_history(cfg.model.estimator.name, cfg.model.promotion.alias)
     except MlflowException: raise MlflowNbError(f"no registered model {cfg.model.estimator.name!r}") from None
@@ -333,7 +334,8 @@ def cmd_reproduce(args,  # the parsed command line
 
 # %% ../nbs/19_cli.ipynb #15b6a4c0
 @command("serve", "serve models:/NAME@ALIAS over HTTP (predict, metadata, metrics, reload)", [
-    Arg("--model", metavar="NAME@ALIAS", help="what to serve (default: model.name@promotion.alias); NAME/VERSION for a version"),
+    Arg("--model", metavar="NAME@ALIAS",
+        help="what to serve (default: model.name@promotion.alias); NAME/VERSION for a version"),
     Arg("--host", help="bind address (default serve.host: 127.0.0.1)"),
     Arg("--port", type=int, help="port (default serve.port: 8080)"),
     Arg("--workers", type=int, help="processes answering on the port (default serve.workers: 1)"),

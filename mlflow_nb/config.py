@@ -6,22 +6,21 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/config.html.md"""
 
 # %% ../nbs/03_config.ipynb #9c2e8030
 from __future__ import annotations
-import difflib, hashlib, inspect, json, os, re
+import difflib, hashlib, inspect, json, os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .core import MlflowNbError, error_line, redact, redact_url
 from .estimators import EstimatorError, check_params, estimator_task, resolve_estimator
 from .metrics import METRICS
+from .settings import Artifacts, MlflowConfig, ModelConfig, Registry, ServingConfig, TrackingServer
 
 # %% auto #0
-__all__ = ['MLFLOW_FILE', 'MODEL_FILE', 'SERVING_FILE', 'STORE_SCHEMES', 'ConfigError', 'check_store_uri', 'TrackingServer',
-           'Experiments', 'Artifacts', 'Registry', 'Logging', 'MlflowConfig', 'ModelSpec', 'DataSpec', 'Training',
-           'Validation', 'Bound', 'Promotion', 'ModelConfig', 'Serve', 'Monitor', 'ServingConfig', 'resolve_uri',
-           'json_typed', 'parse_override', 'Config', 'load_config', 'config_from_dict']
+__all__ = ['MLFLOW_FILE', 'MODEL_FILE', 'SERVING_FILE', 'ConfigError', 'resolve_uri', 'json_typed', 'parse_override', 'Config',
+           'load_config', 'config_from_dict']
 
 # %% ../nbs/03_config.ipynb #83caa679
 class ConfigError(MlflowNbError):
@@ -29,215 +28,6 @@ class ConfigError(MlflowNbError):
 
 # %% ../nbs/03_config.ipynb #af2d52db
 MLFLOW_FILE, MODEL_FILE, SERVING_FILE = "mlflow_config.yaml", "model_config.yaml", "serving_config.yaml"
-
-# %% ../nbs/03_config.ipynb #a7a1f438
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
-
-# %% ../nbs/03_config.ipynb #76140e31
-STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc")
-
-def check_store_uri(uri: str,  # a tracking or registry URI
-                   ) -> str:
-    "`uri`, or `ValueError` when it does not name a store MLflow can track to."
-    if "://" in uri: scheme = uri.partition("://")[0].split("+")[0].lower()
-    else: scheme = "databricks" if uri == "databricks" else ""
-    if scheme not in STORE_SCHEMES:
-        raise ValueError(f"unsupported store {redact(uri)!r}: use sqlite:///FILE, a database URI "
-                         f"(postgresql+psycopg2://…) or http(s)://host:port of an mlflow server")
-    return uri
-
-# %% ../nbs/03_config.ipynb #ecf08bd2
-class TrackingServer(_Strict):
-    "`tracking_server`: where runs are recorded."
-    uri: str = "sqlite:///mlflow.db"  # a SQLite URI (embedded) or http(s)://host:port (an mlflow server)
-
-    @field_validator("uri")
-    @classmethod
-    def _store(cls, v): return check_store_uri(v)
-
-# %% ../nbs/03_config.ipynb #695846ce
-class Experiments(_Strict):
-    "`experiments`: the experiment of each role."
-    default: str = "development"  # training, validation and sweeps
-    production: str = "production"  # promotion, serving and monitoring
-
-    @field_validator("default", "production")
-    @classmethod
-    def _named(cls, v):
-        if not v.strip(): raise ValueError("must not be empty")
-        return v
-
-    @model_validator(mode="after")
-    def _distinct(self):
-        if self.default.strip() == self.production.strip():
-            raise ValueError(f"production must differ from default (both are {self.default!r}): "
-                             "promotion and monitoring runs would mix with training runs")
-        return self
-
-# %% ../nbs/03_config.ipynb #18a2fed1
-class Artifacts(_Strict):
-    "`artifacts`: where experiments created here keep their artifacts."
-    store: str = "./artifacts"  # folder (or URI) under which each experiment keeps its artifacts
-
-# %% ../nbs/03_config.ipynb #b6004bac
-class Registry(_Strict):
-    "`registry`: the model registry's store."
-    uri: str | None = None  # None: the tracking URI
-
-    @field_validator("uri")
-    @classmethod
-    def _store(cls, v): return v if v is None else check_store_uri(v)
-
-# %% ../nbs/03_config.ipynb #6fb20c38
-class Logging(_Strict):
-    "`logging`: how much MLflow and mlflow_nb log."
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"  # of the mlflow_nb and mlflow loggers
-
-# %% ../nbs/03_config.ipynb #4be17e05
-class MlflowConfig(_Strict):
-    "The contents of `mlflow_config.yaml`."
-    tracking_server: TrackingServer = TrackingServer()  # where runs are recorded
-    experiments: Experiments = Experiments()  # the experiment names of each role
-    artifacts: Artifacts = Artifacts()  # where artifacts are kept
-    registry: Registry = Registry()  # the model registry (default: the tracking store)
-    logging: Logging = Logging()  # log level
-
-# %% ../nbs/03_config.ipynb #6fd53da0
-class ModelSpec(_Strict):
-    "`model` in the YAML (`model.estimator` in code): what to train and the name to register it under."
-    name: str = Field(min_length=1)  # the registered model name
-    type: str = "RandomForestRegressor"  # estimator class name or dotted path
-    params: dict[str, Any] = {}  # constructor arguments
-
-    @field_validator("name")
-    @classmethod
-    def _registrable(cls, v):
-        bad = sorted(set(v) & set("/:@"))
-        if bad or v.strip() in (".", "..") or v != v.strip():
-            raise ValueError(f"{v!r} cannot be a registered model name"
-                             + (f" (it contains {' '.join(repr(c) for c in bad)})" if bad else ""))
-        return v
-
-# %% ../nbs/03_config.ipynb #2ecb5b18
-class DataSpec(_Strict):
-    "`data`: where the rows come from and which column to predict."
-    source: str = "sklearn:diabetes"  # CSV/Parquet path or `sklearn:<name>`
-    target: str = "target"  # the column to predict
-    features: list[str] | None = None  # None: every column but the target
-
-# %% ../nbs/03_config.ipynb #6a5c796c
-class Training(_Strict):
-    "`training`: the split and the seed."
-    test_size: float = 0.2  # share of rows held out, strictly between 0 and 1
-    random_state: int = 42  # seeds the split, the model and every library RNG
-
-    @field_validator("test_size")
-    @classmethod
-    def _share(cls, v):
-        if not 0 < v < 1: raise ValueError(f"must be between 0 and 1, got {v}")
-        return v
-
-# %% ../nbs/03_config.ipynb #81cb534f
-class Validation(_Strict):
-    "`validation`: cross-validation."
-    cv_folds: int = Field(5, ge=2)  # k of k-fold cross-validation
-
-# %% ../nbs/03_config.ipynb #ccf600a2
-class Bound(_Strict):
-    "A gate on one metric: its value must lie within [min, max]."
-    min: float | None = None  # the metric must be >= min
-    max: float | None = None  # the metric must be <= max
-
-    @model_validator(mode="after")
-    def _some(self):
-        if self.min is None and self.max is None: raise ValueError("give min, max or both")
-        if self.min is not None and self.max is not None and self.max < self.min:
-            raise ValueError(f"max ({self.max}) is below min ({self.min})")
-        return self
-
-# %% ../nbs/03_config.ipynb #92476c9e
-class Promotion(_Strict):
-    "`promotion`: the alias a passing version gets and the gates it must pass."
-    alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")  # the alias a passing version gets
-    thresholds: dict[str, Bound] = {}  # absolute gates per metric of the version's run
-    min_delta: float = Field(0.0, ge=0)  # must beat the current holder by at least this on the primary metric
-
-# %% ../nbs/03_config.ipynb #c540451e
-class ModelConfig(_Strict):
-    "The contents of `model_config.yaml`."
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True, populate_by_name=True)
-    estimator: ModelSpec = Field(alias="model")  # the YAML's `model:` section
-    data: DataSpec = DataSpec()  # the data set
-    training: Training = Training()  # split and seed
-    metrics: list[str] = ["rmse", "mae", "r2"]  # evaluated on the test split; the first is the primary metric
-    validation: Validation = Validation()  # cross-validation
-    promotion: Promotion = Promotion()  # gates and alias
-
-    @property
-    def primary_metric(self) -> str:
-        "The metric that selection and the beat-the-champion gate rank by: the first in `metrics`."
-        return self.metrics[0]
-
-# %% ../nbs/03_config.ipynb #4baec2fe
-class Serve(_Strict):
-    host: str = "127.0.0.1"  # loopback by default: expose it deliberately
-    port: int = Field(8080, ge=0, le=65535)
-    alias: str | None = None  # None: promotion.alias
-    max_batch_rows: int = Field(1024, ge=1)  # micro-batch cap, in rows
-    max_wait_ms: float = Field(2.0, ge=0, le=1000)  # longest a request waits for others to join its batch
-    max_body_bytes: int = Field(1_048_576, ge=1024)  # larger request bodies get 413
-    token_env: str = "MLFLOW_NB_SERVE_TOKEN"  # when this variable is set, /predict and /reload need the bearer token
-    poll_seconds: float = Field(0, ge=0)  # > 0: check the alias this often and reload when it moves
-    log_predictions: bool = True  # log requests and predictions in batches to a serving run
-    log_queue_requests: int = Field(10_000, ge=1)  # requests waiting to be logged; past that, dropped and counted
-    log_flush_rows: int = Field(5_000, ge=1)  # a Parquet window as soon as this many rows wait...
-    log_window_seconds: float = Field(60, gt=0)  # ...or after this many seconds, whichever comes first
-    parse_in_thread_bytes: int = Field(65_536, ge=0)  # bodies this large are parsed and validated off the event loop
-    workers: int = Field(1, ge=1, le=64)  # processes answering on the port, each with its own model, batcher and log
-    allow_flavors: list[str] = []  # also load these flavors, though loading runs their code
-
-class Monitor(_Strict):
-    "Drift thresholds, performance tolerances and alert sinks: the `monitor` section of serving_config.yaml."
-    psi_threshold: float = Field(0.2, gt=0)  # population stability index above this: drift
-    ks_threshold: float = Field(0.1, gt=0, lt=1)  # KS statistic above this (and significant): drift
-    wasserstein_threshold: float = Field(0.1, gt=0)  # Wasserstein distance in reference standard deviations
-    alpha: float = Field(0.05, gt=0, lt=1)  # significance level of the KS and chi-square tests
-    cramers_v_threshold: float = Field(0.1, gt=0, le=1)  # effect size a significant chi-square must reach
-    dataset_drift_share: float = Field(0.5, gt=0, le=1)  # share of drifted features that makes the data set drift
-    min_rows: int = Field(1000, ge=1)  # below this many current rows only the KS and chi-square tests decide
-    bins: int = Field(10, ge=2, le=100)  # quantile bins of the reference profile (PSI)
-    performance_tolerance: dict[str, float] = {}  # metric: allowed relative degradation (0.1 = 10%); default: METRICS
-    sinks: list[Literal["log", "mlflow", "webhook"]] = ["log", "mlflow"]
-    webhook_url: str | None = None  # JSON POST of the alerts (http or https)
-    webhook_timeout_seconds: float = Field(5.0, gt=0, le=120)
-    webhook_retries: int = Field(2, ge=0, le=10)
-
-    @field_validator("performance_tolerance")
-    @classmethod
-    def _known(cls, v):
-        for k, t in v.items():
-            if k not in METRICS: raise ValueError(f"unknown metric {k!r}; known: {', '.join(METRICS)}")
-            if t < 0: raise ValueError(f"{k}: a tolerance is a share >= 0, got {t}")
-        return v
-
-    @field_validator("webhook_url")
-    @classmethod
-    def _http(cls, v):
-        if v is not None and not re.match(r"^https?://[^/?#]+", v):
-            raise ValueError(f"must be an http:// or https:// URL, got {redact_url(v)!r}")
-        return v
-
-    @model_validator(mode="after")
-    def _webhook_needs_url(self):
-        if "webhook" in self.sinks and not self.webhook_url:
-            raise ValueError("sinks lists 'webhook' but webhook_url is not set")
-        return self
-
-class ServingConfig(_Strict):
-    "The contents of `serving_config.yaml`."
-    serve: Serve = Serve()
-    monitor: Monitor = Monitor()
 
 # %% ../nbs/03_config.ipynb #d53f81fa
 def _show(path) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .core import MlflowNbError, error_line
-from .config import DataSpec, Training
+from .settings import DataSpec, Training
 
 # %% auto #0
 __all__ = ['BUNDLED', 'GRID', 'OTHER', 'PROFILE_PATH', 'DataError', 'load_dataset', 'select_xy', 'Split', 'split_data',

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .core import MlflowNbError
-from .config import Monitor
+from .settings import Monitor
 from .data import sorted_quantiles
 
 # %% auto #0

@@ -15,7 +15,7 @@ import pandas as pd
 
 from .core import (MlflowNbError, TAG_ALERTS, TAG_DATASET_DRIFT, TAG_DRIFTED, TAG_KIND, TAG_MODEL,
                             TAG_MODEL_VERSION, TAG_SOURCE, TAG_UNCHECKED_METRICS, error_line)
-from .config import Monitor
+from .settings import Monitor
 from .data import PROFILE_PATH
 from .metrics import compute_metrics, get_metric
 from .drift import DriftReport, check_current, drift_charts, drift_report

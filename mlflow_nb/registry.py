@@ -1,4 +1,4 @@
-"""Selecting, comparing and promoting model versions behind gates, with one history, rollback and safe loading
+"""Loading versions safely, selecting the best run, comparing with a baseline, the production schema
 
 Docs: https://mlflow-nb.github.io/mlflow_nb/registry.html.md"""
 
@@ -6,10 +6,8 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/registry.html.md"""
 
 # %% ../nbs/08_registry.ipynb #04d2e7bd
 from __future__ import annotations
-import dataclasses, getpass, json, math, os, random, tempfile, time, uuid
-from contextlib import contextmanager
+import dataclasses, json, math, tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -19,16 +17,14 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .core import (HISTORY_PREFIX, LOCK_PREFIX, MlflowNbError, TAG_KIND, TAG_PREVIOUS_VERSION,
-                            TAG_PROMOTED_ALIAS, TAG_PROMOTED_AT, TAG_PROMOTED_BY, TAG_PROMOTION_REASON)
-from .config import Promotion
+from .core import MlflowNbError, TAG_KIND
 from .metrics import MetricSpec, get_metric
 from .train import untrusted_types
 
 # %% auto #0
-__all__ = ['RegistryError', 'resolve_version', 'UntrustedModel', 'LoadedModel', 'check_trust', 'load_model', 'select_best_run',
-           'select_best_model', 'holder', 'baseline_value', 'compare_models', 'PromotionRefused', 'check_gates',
-           'alias_lock', 'PromotionResult', 'promote', 'promotion_history', 'rollback', 'prepare_for_production']
+__all__ = ['RegistryError', 'resolve_version', 'UntrustedModel', 'LoadedModel', 'check_trust', 'load_model', 'ranking_spec',
+           'select_best_run', 'select_best_model', 'holder', 'baseline_value', 'compare_models',
+           'prepare_for_production']
 
 # %% ../nbs/08_registry.ipynb #a465d04a
 class RegistryError(MlflowNbError):
@@ -110,8 +106,10 @@ def _experiment_id(client: MlflowClient, experiment: str) -> str:
     if exp is None: raise RegistryError(f"experiment {experiment!r} not found")
     return exp.experiment_id
 
-def _metric_spec(metric: str, direction: str | None = None) -> MetricSpec:
-    "The registry's spec for `metric`; cv_<m>_mean/std take <m>'s direction (std: lower is better)."
+def ranking_spec(metric: str,  # a metric name, or cv_<metric>_mean / cv_<metric>_std
+                 direction: str | None = None,  # "higher" or "lower" to override the metric's own direction
+                ) -> MetricSpec:
+    "The spec runs are ranked by; cv_<m>_mean/std take <m>'s direction (std: lower is better)."
     base = metric
     if metric.startswith("cv_") and metric.endswith(("_mean", "_std")): base = metric[3:].rsplit("_", 1)[0]
     spec = get_metric(base)
@@ -134,7 +132,7 @@ def select_best_run(experiment: str,  # experiment name or id
                    ):
     "The finished run with the best value of `metric` (one query, one run fetched)."
     client = client or MlflowClient()
-    spec = _metric_spec(metric, direction)
+    spec = ranking_spec(metric, direction)
     query = " and ".join(_finished(kind) + ([filter] if filter else []))
     try: runs = client.search_runs([_experiment_id(client, experiment)], query, order_by=[spec.order_by], max_results=1)
     except MlflowException as e: raise RegistryError(f"cannot search runs: {e.message}") from None
@@ -212,7 +210,7 @@ def compare_models(experiment: str,  # experiment name or id
                   ) -> pd.DataFrame:
     "Finished runs against `baseline`, best first: value, improvement (positive = better), relative improvement."
     client = client or MlflowClient()
-    spec = _metric_spec(metric, direction)
+    spec = ranking_spec(metric, direction)
     base, _ = baseline_value(baseline, metric, model_name, client)
     exp, query, rows, token = _experiment_id(client, experiment), " and ".join(_finished(kind)), [], None
     while True:
@@ -221,191 +219,6 @@ def compare_models(experiment: str,  # experiment name or id
         token = page.token
         if not token: break
     return pd.DataFrame(rows, columns=_COMPARISON)
-
-# %% ../nbs/08_registry.ipynb #d835ea3b
-class PromotionRefused(RegistryError):
-    "A gate failed: the message names it with both values; no alias was changed."
-
-# %% ../nbs/08_registry.ipynb #fad609c2
-def _bounds(b) -> str:
-    return f"{'[' + str(b.min) if b.min is not None else '(-inf'}, {str(b.max) + ']' if b.max is not None else 'inf)'}"
-
-def _threshold_gates(version: str, metrics: dict, promotion: Promotion) -> list[str]:
-    passed = []
-    for m, b in promotion.thresholds.items():
-        v = metrics.get(m)
-        if v is None or math.isnan(v): raise PromotionRefused(f"gate {m}: version {version} has no value for {m}")
-        if b.max is not None and not v <= b.max:
-            raise PromotionRefused(f"gate {m} <= {b.max}: version {version} has {m} = {v:.6g}")
-        if b.min is not None and not v >= b.min:
-            raise PromotionRefused(f"gate {m} >= {b.min}: version {version} has {m} = {v:.6g}")
-        passed.append(f"{m} = {v:.6g} within {_bounds(b)}")
-    return passed
-
-def _champion_gate(version: str, metrics: dict, current, promotion: Promotion, primary_metric: str,
-                   client) -> list[str]:
-    if current is None or str(current.version) == str(version): return []
-    spec = _metric_spec(primary_metric)
-    champ = client.get_run(current.run_id).data.metrics.get(primary_metric)
-    v = metrics.get(primary_metric)
-    if v is None: raise PromotionRefused(f"gate beat-champion: version {version} has no {primary_metric}")
-    if champ is not None and not spec.is_better(v, champ, promotion.min_delta):
-        raise PromotionRefused(f"gate beat-champion: {primary_metric} must beat version {current.version} "
-                               f"({champ:.6g}) by at least {promotion.min_delta} ({spec.direction} is better), "
-                               f"version {version} has {v:.6g}")
-    return [f"{primary_metric} {v:.6g} beats version {current.version} ({champ if champ is None else round(champ, 6)})"]
-
-def check_gates(model_name: str,  # registered model
-                version: str,  # the candidate version
-                promotion: Promotion,  # alias, thresholds and min_delta
-                primary_metric: str,  # the metric the beat-the-champion gate compares
-                client: MlflowClient | None = None,  # default: a client of the current store
-               ) -> list[str]:
-    "Descriptions of the gates `version` passes; `PromotionRefused` at the first that fails."
-    client = client or MlflowClient()
-    try: mv = client.get_model_version(model_name, str(version))
-    except MlflowException: raise RegistryError(f"model {model_name!r} has no version {version}") from None
-    run = client.get_run(mv.run_id)
-    if run.info.status != "FINISHED":
-        raise PromotionRefused(f"version {version} comes from run {mv.run_id} whose status is {run.info.status}: "
-                               "refused")
-    metrics, current = run.data.metrics, holder(model_name, promotion.alias, client)
-    return [f"run {mv.run_id} FINISHED", *_threshold_gates(version, metrics, promotion),
-            *_champion_gate(version, metrics, current, promotion, primary_metric, client)]
-
-# %% ../nbs/08_registry.ipynb #542a0ef4
-def _lock_expired(client: MlflowClient, name: str) -> bool:
-    try: tags = client.get_registered_model(name).tags
-    except MlflowException: return True  # released meanwhile
-    try: return float(tags.get("expires", "0")) < time.time()
-    except ValueError: return True
-
-def _try_lock(client: MlflowClient, name: str, owner: str, lease: float, what: str) -> bool:
-    "Create the lock model `name`; False when another holder has it."
-    try:
-        client.create_registered_model(name, tags={"owner": owner, "expires": f"{time.time() + lease:.3f}"},
-                                       description=f"mlflow_nb: a promotion of {what} is in progress")
-        return True
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS": raise
-        return False
-
-@contextmanager
-def alias_lock(model_name: str,  # registered model
-               alias: str,  # the alias being moved
-               client: MlflowClient | None = None,  # default: a client of the current store
-               wait: float = 120.0,  # seconds to wait for another holder before giving up
-               lease: float = 60.0,  # seconds after which a holder that died loses the lock
-              ):
-    "Hold the lock on moving `model_name@alias`, in any store (an atomically created registered model)."
-    client = client or MlflowClient()
-    name, owner = f"{LOCK_PREFIX}{model_name}.{alias}", uuid.uuid4().hex
-    deadline = time.monotonic() + wait
-    while not _try_lock(client, name, owner, lease, f"{model_name}@{alias}"):
-        if _lock_expired(client, name):
-            try: client.delete_registered_model(name)
-            except MlflowException: pass
-        elif time.monotonic() > deadline:
-            raise RegistryError(f"another promotion of {model_name}@{alias} has held the lock for over {wait:.0f} s; "
-                                "try again")
-        time.sleep(0.05 + random.random() * 0.1)
-    try: yield
-    finally:
-        try:
-            if client.get_registered_model(name).tags.get("owner") == owner: client.delete_registered_model(name)
-        except MlflowException: pass
-
-# %% ../nbs/08_registry.ipynb #304ac547
-@dataclass
-class PromotionResult:
-    "What a promotion did."
-    model_name: str  # registered model
-    alias: str  # the alias moved
-    version: str  # the version that holds it now
-    previous_version: str | None  # the version that held it before (None: nobody)
-    gates: list[str]  # the gates passed, described
-    promoted_by: str  # who promoted
-    promoted_at: str  # when (UTC, ISO 8601)
-
-# %% ../nbs/08_registry.ipynb #5a2552ce
-def _who() -> str:
-    return os.environ.get("MLFLOW_NB_USER") or os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
-
-def _record(client, model_name, alias, event: dict) -> None:
-    "Append an event to the model's promotion history (a registered-model tag, keyed by time)."
-    key = f"{HISTORY_PREFIX}{alias}.{time.time_ns():020d}-{uuid.uuid4().hex[:6]}"
-    client.set_registered_model_tag(model_name, key, json.dumps(event, sort_keys=True))
-
-def _move_alias(client, model_name: str, alias: str, version: str, event: dict) -> None:
-    "Record `event`, move the alias, and verify that it points where this promotion put it."
-    _record(client, model_name, alias, event)
-    client.set_registered_model_alias(model_name, alias, version)
-    now = holder(model_name, alias, client)
-    if now is None or str(now.version) != str(version):
-        raise RegistryError(f"{model_name}@{alias} was moved by someone else during this {event['action']} "
-                            f"(it now names version {None if now is None else now.version}); check `mlflow-nb history`")
-
-def _tag_version(client, model_name: str, version: str, alias: str, at: str, by: str, reason: str, prev: str | None):
-    tags = {TAG_PROMOTED_AT: at, TAG_PROMOTED_BY: by, TAG_PROMOTION_REASON: reason, TAG_PREVIOUS_VERSION: prev or "",
-            TAG_PROMOTED_ALIAS: alias}
-    for k, v in tags.items(): client.set_model_version_tag(model_name, version, k, v)
-
-def promote(model_name: str,  # registered model
-            version: str | int,  # the candidate version
-            promotion: Promotion | None = None,  # gates and alias (default: no thresholds, alias champion)
-            primary_metric: str = "rmse",  # the metric the beat-the-champion gate compares
-            reason: str = "",  # why: recorded with the promotion
-            tracking_uri: str | None = None,  # default: MLflow's current tracking URI
-           ) -> PromotionResult:
-    "Move the alias to `version` if every gate passes; record who, when, why and the previous holder."
-    promotion = promotion or Promotion()
-    client = MlflowClient(tracking_uri, tracking_uri) if tracking_uri else MlflowClient()
-    version, alias, reason = str(version), promotion.alias, reason or "gates passed"
-    with alias_lock(model_name, alias, client):
-        gates = check_gates(model_name, version, promotion, primary_metric, client)
-        prev = holder(model_name, alias, client)
-        prev_v = None if prev is None else str(prev.version)
-        at, by = datetime.now(timezone.utc).isoformat(timespec="seconds"), _who()
-        _tag_version(client, model_name, version, alias, at, by, reason, prev_v)
-        _move_alias(client, model_name, alias, version, {"action": "promote", "version": version, "previous": prev_v,
-                                                         "at": at, "by": by, "reason": reason})
-    return PromotionResult(model_name, alias, version, prev_v, gates, by, at)
-
-# %% ../nbs/08_registry.ipynb #107fdedb
-def promotion_history(model_name: str,  # registered model
-                      alias: str = "champion",  # the alias whose history to read
-                      client: MlflowClient | None = None,  # default: a client of the current store
-                     ) -> pd.DataFrame:
-    "Every promotion and rollback of `alias`, oldest first."
-    client = client or MlflowClient()
-    tags = client.get_registered_model(model_name).tags
-    rows = [json.loads(v) for k, v in sorted(tags.items()) if k.startswith(f"{HISTORY_PREFIX}{alias}.")]
-    df = pd.DataFrame(rows, columns=["action", "version", "previous", "at", "by", "reason"]).astype(object)
-    return df.where(df.notna(), None)  # no previous holder is None, not NaN
-
-# %% ../nbs/08_registry.ipynb #304c354e
-def rollback(model_name: str,  # registered model
-             alias: str = "champion",  # the alias to give back
-             reason: str = "",  # why: recorded in the history
-             tracking_uri: str | None = None,  # default: MLflow's current tracking URI
-            ) -> str:
-    "Give `alias` back to the version that held it before the current holder's promotion; returns that version."
-    client = MlflowClient(tracking_uri, tracking_uri) if tracking_uri else MlflowClient()
-    with alias_lock(model_name, alias, client):
-        cur = holder(model_name, alias, client)
-        if cur is None:
-            raise RegistryError(f"model {model_name!r} has no version with alias {alias!r}: nothing to roll back")
-        hist = promotion_history(model_name, alias, client)
-        promos = hist[(hist.action == "promote") & (hist.version == str(cur.version))]
-        prev = None if promos.empty else promos.iloc[-1].previous
-        if not prev:
-            raise RegistryError(f"{model_name}@{alias} (version {cur.version}) has no recorded previous holder "
-                                "to roll back to")
-        at, by = datetime.now(timezone.utc).isoformat(timespec="seconds"), _who()
-        event = {"action": "rollback", "version": prev, "previous": str(cur.version), "at": at, "by": by,
-                 "reason": reason or "rollback"}
-        _move_alias(client, model_name, alias, prev, event)
-    return prev
 
 # %% ../nbs/08_registry.ipynb #2ab3f93a
 def _jsonable(v):

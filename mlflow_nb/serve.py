@@ -17,7 +17,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from .core import MlflowNbError, error_line
-from .config import Serve
+from .settings import Serve
 from .registry import load_model, resolve_version
 from .schema import (RequestError, error_body, failure, parse_json_body, prediction_body, read_body, respond,
                               validate_columns)

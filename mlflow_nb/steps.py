@@ -16,9 +16,11 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from .core import MlflowNbError, REDACTED, TAG_KIND, TAG_REGISTERED_VERSION, TAG_STEP, step_tag
-from .config import Bound, Config, load_config, resolve_uri
+from .config import Config, load_config, resolve_uri
+from .settings import Bound
 from .metrics import get_metric
-from .registry import PromotionRefused, compare_models, holder, promote, select_best_run
+from .registry import compare_models, holder, select_best_run
+from .promotion import PromotionRefused, promote
 from .tracking import Tracking, process_tags, setup_tracking
 from .train import cross_val_metrics, prepare_data, train_model
 

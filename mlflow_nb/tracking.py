@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 
 from .core import (MlflowNbError, redact, TAG_BOOT, TAG_ERROR, TAG_HOST, TAG_PID, error_line,
                             quiet_migrations)
-from .config import Config, MlflowConfig
+from .config import Config
+from .settings import MlflowConfig
 
 # %% auto #0
 __all__ = ['log', 'HTTP_RETRY_POLICY', 'MAX_PARAM_LEN', 'sqlite_path', 'store_lock', 'artifact_location', 'ensure_experiment',

@@ -234,7 +234,7 @@ def test_only_http_urls_are_sent_to():
 def test_the_report_survives_inf_values_and_mathjax_like_names():
     "Column names that look like TeX stay text, in the charts and the page; infinite values neither crash nor vanish."
     from mlflow_nb.alerts import alerts_from
-    from mlflow_nb.config import Monitor
+    from mlflow_nb.settings import Monitor
     from mlflow_nb.data import build_profile
     from mlflow_nb.drift import drift_charts, drift_report
     from mlflow_nb.monitor import CheckResult, html_report, performance_check

@@ -115,7 +115,7 @@ def _problems(page: PageCheck) -> list[str]:
 
 def test_the_monitoring_report_renders_offline_with_its_plots(browser, drift_report_page):
     page = open_page(browser, drift_report_page)
-    assert page.title == "diabetes_regressor@champion (version 1)", page.title
+    assert page.title == "monitoring models:/diabetes_regressor@champion (version 1)", page.title
     assert page.headings[0] == page.title and {"Alerts", "Distributions", "All columns"} <= set(page.headings)
     assert "2 of 10 features drifted" in page.text
     assert len(page.images) >= 2, page.images  # one histogram per drifted column: bmi and s5 at least

@@ -8,6 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import CONFIGS, ROOT, child_env, run_cli
+from mlflow_nb.core import TAG_UNCHECKED_METRICS
 
 FAST = ["-o", "model.params.n_estimators=30", "-o", "validation.cv_folds=3"]
 TINY = ["-o", "model.params.n_estimators=5", "-o", "validation.cv_folds=2"]  # the smallest run that shows a fault
@@ -117,7 +118,9 @@ def test_run_completes_five_nested_steps_and_promotes(finished_pipeline):
     assert train.data.tags["mlflow_nb.kind"] == "train" and "cv_rmse_mean" in train.data.metrics  # validate handed back
     assert str(client.get_model_version_by_alias("diabetes_regressor", "champion").version) == "1"
     assert parent.data.tags["mlflow_nb.promote.outcome"] == "promoted"
-    assert "current_rmse" in kids["monitor"].data.metrics
+    monitor = kids["monitor"].data  # drift on the held-out split, labels withheld: performance is reported unchecked
+    assert "drifted_share" in monitor.metrics and monitor.metrics["metrics_unchecked"] >= 1
+    assert "current_rmse" not in monitor.metrics and "no 'target' column" in monitor.tags[TAG_UNCHECKED_METRICS]
     assert _running(client) == []
 
 

@@ -17,8 +17,8 @@ def _config(project, *overrides):
 
 def _promote_worker(project, version, barrier, results):
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    from mlflow_nb.config import Promotion
-    from mlflow_nb.registry import PromotionRefused, promote
+    from mlflow_nb.settings import Promotion
+    from mlflow_nb.promotion import PromotionRefused, promote
     from mlflow_nb.tracking import setup_tracking
     cfg = _config(project)
     setup_tracking(cfg)
@@ -43,8 +43,10 @@ def store_project(request, tmp_path):
 
 
 def test_promotions_racing_leave_one_consistent_history(store_project):
-    from mlflow_nb.config import Promotion
-    from mlflow_nb.registry import LOCK_PREFIX, holder, promote, promotion_history
+    from mlflow_nb.settings import Promotion
+    from mlflow_nb.core import LOCK_PREFIX
+    from mlflow_nb.promotion import promote, promotion_history
+    from mlflow_nb.registry import holder
     from mlflow_nb.tracking import setup_tracking
     from mlflow_nb.train import train_model
     project, name = store_project

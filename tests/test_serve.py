@@ -62,7 +62,7 @@ def _train(project, *overrides):
 
 
 def _train_and_promote(project, *overrides):
-    from mlflow_nb.registry import promote
+    from mlflow_nb.promotion import promote
     from mlflow_nb.config import load_config
     res = _train(project, *overrides)
     cfg = load_config(project / "configs", list(overrides), env={})
@@ -317,7 +317,7 @@ def test_reload_swaps_versions_without_failing_requests_in_flight(served):
     assert all(code == 200 for code, _, _ in results)
     by_version = {v: p for _, v, p in results}
     assert by_version[res.version] == expected[:5].tolist() and by_version[new.version] == new_expected.tolist()
-    from mlflow_nb.registry import rollback  # back to the first version for the other tests
+    from mlflow_nb.promotion import rollback  # back to the first version for the other tests
     rollback("diabetes_regressor")
     assert httpx.post(f"{server.url}/reload").json()["version"] == res.version
 

@@ -32,7 +32,7 @@ def test_init_from_another_directory_uses_the_same_store(project):
 
 def _setup_worker(uri, store, barrier, results):
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    from mlflow_nb.config import MlflowConfig, TrackingServer, Artifacts
+    from mlflow_nb.settings import MlflowConfig, TrackingServer, Artifacts
     from mlflow_nb.tracking import setup_tracking
     barrier.wait()
     try:
