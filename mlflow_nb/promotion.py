@@ -75,11 +75,19 @@ def check_gates(model_name: str,  # registered model
             *_champion_gate(version, metrics, current, promotion, primary_metric, client)]
 
 # %% ../nbs/08a_promotion.ipynb #1e17e5ad
-def _lock_expired(client: MlflowClient, name: str) -> bool:
+def _expired_owner(client: MlflowClient, name: str) -> str | None:
+    "The owner of lock `name` when its lease has run out; None when it is live or gone (just try again)."
     try: tags = client.get_registered_model(name).tags
-    except MlflowException: return True  # released meanwhile
-    try: return float(tags.get("expires", "0")) < time.time()
-    except ValueError: return True
+    except MlflowException: return None  # released meanwhile: another contender may be creating it right now
+    try: expired = float(tags.get("expires", "0")) < time.time()
+    except ValueError: expired = True
+    return tags.get("owner", "") if expired else None
+
+def _break(client: MlflowClient, name: str, owner: str) -> None:
+    "Delete the expired lock of `owner`, unless it is another holder's by now."
+    if _expired_owner(client, name) != owner: return  # broken and taken by someone else meanwhile: leave it
+    try: client.delete_registered_model(name)
+    except MlflowException: pass
 
 def _try_lock(client: MlflowClient, name: str, owner: str, lease: float, what: str) -> bool:
     "Create the lock model `name`; False when another holder has it."
@@ -87,8 +95,8 @@ def _try_lock(client: MlflowClient, name: str, owner: str, lease: float, what: s
         client.create_registered_model(name, tags={"owner": owner, "expires": f"{time.time() + lease:.3f}"},
                                        description=f"mlflow_nb: a promotion of {what} is in progress")
         return True
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS": raise
+    except MlflowException as e:  # (SQLite: a lock deleted between the failed insert and MLflow's look-up of it
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"): raise  # reads "not found")
         return False
 
 @contextmanager
@@ -103,9 +111,7 @@ def alias_lock(model_name: str,  # registered model
     name, owner = f"{LOCK_PREFIX}{model_name}.{alias}", uuid.uuid4().hex
     deadline = time.monotonic() + wait
     while not _try_lock(client, name, owner, lease, f"{model_name}@{alias}"):
-        if _lock_expired(client, name):
-            try: client.delete_registered_model(name)
-            except MlflowException: pass
+        if (dead := _expired_owner(client, name)) is not None: _break(client, name, dead)
         elif time.monotonic() > deadline:
             raise RegistryError(f"another promotion of {model_name}@{alias} has held the lock for over {wait:.0f} s; "
                                 "try again")

@@ -2,7 +2,7 @@
 exit 2, and nothing is created in any store."""
 import pytest
 
-from conftest import cli, run_cli
+from conftest import CONFIGS, cli, run_cli
 
 
 MODEL_EDITS = [  # (old text, new text, what the one-line error must say)
@@ -85,3 +85,13 @@ def test_a_bad_config_through_the_installed_command(project):
     assert r.returncode == 2 and r.stderr.startswith("mlflow-nb: error: configs/model_config.yaml: validation.cv_fold: unknown key")
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not (project / "mlflow.db").exists()
+
+
+def test_the_shipped_serving_config_shows_every_setting():
+    "Each key of the serve and monitor sections appears, commented, in configs/serving_config.yaml."
+    import yaml
+    from mlflow_nb.settings import Monitor, Serve
+    shipped = yaml.safe_load((CONFIGS / "serving_config.yaml").read_text())
+    for section, cls in (("serve", Serve), ("monitor", Monitor)):
+        missing = sorted(set(cls.model_fields) - set(shipped[section]))
+        assert not missing, f"serving_config.yaml: {section}: keys not shown: {missing}"

@@ -316,3 +316,19 @@ def test_bad_current_data_is_refused_in_one_line(champion):
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert msg in r.stderr, r.stderr
     assert len(_monitor_runs(champion)) == before  # no run started, none left RUNNING
+
+
+def test_monitoring_records_its_run_and_report_through_the_server(tproject):
+    project, uri, dev, model = tproject
+    assert run_cli("train", "-o", "model.params.n_estimators=20", cwd=project).returncode == 0
+    assert run_cli("promote", "--version", "1", cwd=project).returncode == 0
+    from mlflow_nb.data import load_dataset
+    load_dataset("sklearn:diabetes").to_csv(project / "current.csv", index=False)
+    r = run_cli("monitor", "--current", "current.csv", cwd=project)
+    assert r.returncode == 0 and "(and in monitoring run" in r.stdout, r.stderr[-2000:]
+    client = MlflowClient(uri, uri)
+    [run] = client.search_runs([client.get_experiment_by_name(dev.replace("dev_", "prod_")).experiment_id],
+                               f"tags.`{TAG_KIND}` = 'monitor'")
+    assert "current_rmse" in run.data.metrics  # labelled data: performance checked
+    assert any(a.path.endswith(".html") for a in client.list_artifacts(run.info.run_id, "monitoring")), \
+        [a.path for a in client.list_artifacts(run.info.run_id)]

@@ -56,7 +56,7 @@ def open_page(context, path: Path) -> PageCheck:
     page.wait_for_function("Array.from(document.images).every(i => i.complete)", timeout=10_000)
     images = page.eval_on_selector_all(
         "img", "els => els.map(e => ({src: e.src.slice(0, 80), width: e.naturalWidth, height: e.naturalHeight}))")
-    check = PageCheck(page.title(), page.eval_on_selector_all("h1, h2", "els => els.map(e => e.innerText.trim())"),
+    check = PageCheck(page.title(), page.eval_on_selector_all("h1, h2, h3", "els => els.map(e => e.innerText.trim())"),
                       page.inner_text("body"), images, left, errors)
     page.close()
     return check

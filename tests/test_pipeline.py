@@ -255,6 +255,11 @@ def _kernel_processes(marker: str) -> list[int]:
     return pids
 
 
+def _as_from_a_terminal():
+    "Ctrl-C as a terminal delivers it: pytest-xdist workers ignore SIGINT, and a child would inherit that."
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
 def test_a_signal_mid_step_ends_every_run_killed_and_keeps_the_champion(finished_pipeline, how):
     "SIGTERM to the runner, or Ctrl-C (SIGINT to its process group): its runs end KILLED, its kernels are gone."
@@ -262,7 +267,8 @@ def test_a_signal_mid_step_ends_every_run_killed_and_keeps_the_champion(finished
     client, marker = fp["client"], f"MLFLOW_NB_TEST_{uuid.uuid4().hex}"
     before = {r.info.run_id for r in _pipeline_runs(client)}
     proc = subprocess.Popen([str(EXE), "run", *TINY], cwd=fp["project"], env=child_env({**fp["env"], marker: "1"}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_as_from_a_terminal)
     deadline, parent = time.time() + 120, None
     while time.time() < deadline and proc.poll() is None:  # wait until a step's run exists and its kernel works
         parent = next((r for r in _pipeline_runs(client) if r.info.run_id not in before), None)
@@ -309,13 +315,14 @@ def test_bad_pipeline_arguments_exit_2(project):
 
 
 def test_the_readme_mlflow_project_command_as_written(tmp_path):
-    "README's `MLFLOW_TRACKING_URI=sqlite:///mlflow.db mlflow run . -e pipeline ...`, on a copy of the project."
-    command = next(l.strip() for l in (ROOT / "README.md").read_text().splitlines() if "mlflow run . -e pipeline" in l)
+    "README's block `mlflow-nb init` + `mlflow run . -e pipeline ...`, as written, on a copy of the project."
+    blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    command = next(b for b in blocks if "mlflow run . -e pipeline" in b)
     project = _new_project(tmp_path)
     for f in ("MLproject", "python_env.yaml"): shutil.copy(ROOT / f, project / f)
     bin_dir = str(Path(sys.executable).parent)
     env = child_env({"PATH": bin_dir + os.pathsep + os.environ["PATH"]})
-    r = subprocess.run(["bash", "-c", command], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(["bash", "-ec", command], cwd=project, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     client = _client(f"sqlite:///{project}/mlflow.db")
     [parent] = _pipeline_runs(client)  # MLflow's run, adopted as the pipeline run
@@ -326,6 +333,38 @@ def test_the_readme_mlflow_project_command_as_written(tmp_path):
     assert sorted(p.relative_to(project) for p in project.rglob("*.db")) == [Path("mlflow.db")]  # no stray store
     assert {p.name for p in (project / "nbs" / "pipeline").iterdir()} == {".notest", *(f"{s}.ipynb" for s in STEPS)}
     assert not list(project.rglob("meta.yaml"))  # nothing under ./mlruns is a file store: only run artifacts
+
+
+def _search(client, exp_name, flt=""):
+    exp = client.get_experiment_by_name(exp_name)
+    return client.search_runs([exp.experiment_id], flt, max_results=5000) if exp else []
+
+
+def test_a_killed_pipeline_is_cleaned_up_and_a_rerun_succeeds(project):
+    "SIGKILL the pipeline runner mid-step: its runs end FAILED at the next start; the champion is untouched."
+    assert run_cli("train", *FAST, cwd=project).returncode == 0
+    assert run_cli("promote", "--version", "1", cwd=project).returncode == 0
+    uri = f"sqlite:///{project}/mlflow.db"
+    client = MlflowClient(uri, uri)
+    exe = Path(sys.executable).parent / "mlflow-nb"
+    proc = subprocess.Popen([str(exe), "run", *FAST], cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=child_env())
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the validate step is running
+        if any(r.info.run_name == "validate" for r in _search(client, "development", "attributes.status = 'RUNNING'")): break
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+    stuck = _search(client, "development", "attributes.status = 'RUNNING'")
+    assert {r.info.run_name for r in stuck} >= {"pipeline", "validate"}
+    r = run_cli("run", *FAST, "--steps", "train,validate", cwd=project)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for s in stuck:
+        run = client.get_run(s.info.run_id)
+        assert run.info.status == "FAILED" and run.data.tags["mlflow_nb.error"].startswith("orphaned: process")
+    assert _search(client, "development", "attributes.status = 'RUNNING'") == []
+    # the champion moved only through the passing promote step of the re-run (or stayed): never by the killed one
+    hist = client.get_registered_model("diabetes_regressor").tags
+    assert all(json.loads(v)["action"] == "promote" for k, v in hist.items() if k.startswith("mlflow_nb.promotion."))
 
 
 # --- the team server: PostgreSQL + `mlflow server`, given only by MLFLOW_TRACKING_URI, with a password in it ---
@@ -350,6 +389,8 @@ def test_pipeline_on_the_team_server_by_uri_with_a_password(tmp_path, team):
     kids = _children(client, parent.info.run_id)
     assert sorted(kids) == sorted(STEPS) and {k.info.status for k in kids.values()} == {"FINISHED"}
     assert str(client.get_model_version_by_alias(f"model_{tag}", "champion").version) == "1"
+    for name, k in kids.items():  # the executed notebooks went through the server's artifact proxy
+        assert {a.path for a in client.list_artifacts(k.info.run_id, "notebook")} == {f"notebook/{name}.ipynb", f"notebook/{name}.html"}
     assert sorted(p.relative_to(project) for p in project.rglob("*")) == before  # no store, no artifacts beside it
     assert f"open {team['uri']} in a browser" in out  # the UI is the server itself; no credentials printed
     logged = _everything_logged(client, [f"dev_{tag}", f"prod_{tag}"], f"model_{tag}")

@@ -99,3 +99,18 @@ def test_selection_refuses_a_model_whose_loading_would_run_code(project):
                                  serialization_format="cloudpickle", pip_requirements=["scikit-learn"])
     with pytest.raises(UntrustedModel, match="refusing to load a model whose flavors are"):
         select_best_model("development", "rmse")
+
+
+def test_registry_commands_against_the_server_by_config(tproject):
+    "train, promote (passing and refused), history: the same commands, the store given as the server's URI."
+    project, uri, _, model = tproject
+    fast = ["-o", "model.params.n_estimators=20"]
+    assert run_cli("train", *fast, cwd=project).returncode == 0
+    assert run_cli("promote", "--version", "1", cwd=project).returncode == 0
+    assert run_cli("train", *fast, "-o", "model.params.max_depth=3", cwd=project).returncode == 0
+    r = run_cli("promote", "--version", "2", "-o", "promotion.min_delta=1000", cwd=project)
+    assert r.returncode == 2 and "gate beat-champion" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    client = MlflowClient(uri, uri)
+    assert str(client.get_model_version_by_alias(model, "champion").version) == "1"  # the refusal changed nothing
+    r = run_cli("history", cwd=project)
+    assert r.returncode == 0 and "promote" in r.stdout, r.stderr

@@ -10,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import CONFIGS, child_env, run_cli
+from support import team_server
 
 COLUMNS = ["age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6"]
 
@@ -650,3 +651,27 @@ def test_missing_values_in_every_column_kind_score_alike_everywhere(tmp_path_fac
     finally:
         os.killpg(theirs.pid, signal.SIGTERM); theirs.wait(30)
     assert served_ours == pyfunc == served_theirs
+
+
+def test_the_scoring_service_keeps_answering_while_the_tracking_server_is_down(tproject, team):
+    project, uri, exp, model = tproject
+    assert run_cli("train", "-o", "model.params.n_estimators=20", cwd=project).returncode == 0
+    assert run_cli("promote", "--version", "1", cwd=project).returncode == 0
+    from mlflow_nb.data import load_dataset
+    X = load_dataset("sklearn:diabetes").drop(columns="target").head(3).to_dict(orient="records")
+    server = Server(project, "-o", "serve.log_window_seconds=0.5")
+    try:
+        team_server.stop_mlflow(team)
+        try:
+            for _ in range(20):
+                r = httpx.post(f"{server.url}/predict", json={"dataframe_records": X}, timeout=10)
+                assert r.status_code == 200 and len(r.json()["predictions"]) == 3
+            time.sleep(1.5)  # a log window fails to reach the store: counted, not fatal
+            assert httpx.get(f"{server.url}/health").status_code == 200
+            assert httpx.post(f"{server.url}/predict", json={"dataframe_records": X}, timeout=10).status_code == 200
+            assert httpx.post(f"{server.url}/reload", timeout=120).status_code == 503  # says so, keeps the model
+            assert httpx.post(f"{server.url}/predict", json={"dataframe_records": X}, timeout=10).status_code == 200
+        finally:
+            team.update(team_server.restart_mlflow(team))
+    finally:
+        server.stop()

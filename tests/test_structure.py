@@ -81,3 +81,19 @@ def test_config_reads_well():
     offenders = [f"{p.relative_to(ROOT)}:{i + 1}" for p in [*MODULES, *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py")]
                  for i, l in enumerate(p.read_text().splitlines()) if re.search(r"\.model\.model(?![_\w])", l) and "test_structure" not in p.name]
     assert not offenders, f"cfg.model.model is gone (cfg.model.estimator): {offenders}"
+
+
+def _notebook(path: Path) -> str:
+    "The notebook a module is exported from, as its header names it (`00_core`, `02a_settings`, ...)."
+    return re.search(r"File to edit: \.\./nbs/(\S+)\.ipynb", path.read_text()).group(1)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+def test_modules_import_only_what_comes_before_them(path):
+    "The package reads top to bottom: a notebook uses modules of notebooks that sort before it, never after."
+    order = {p.stem: _notebook(p) for p in MODULES}
+    tree = ast.parse(path.read_text())
+    used = {(n.module or "").split(".")[-1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+            and (n.level == 1 or (n.module or "").startswith("mlflow_nb."))}
+    later = sorted(m for m in used if m in order and order[m] > order[path.stem])
+    assert not later, f"{path.name} ({order[path.stem]}) imports modules of later notebooks: {later}"

@@ -1,12 +1,11 @@
 """Stores as users reach them: `init`, several processes opening one fresh SQLite file, the store given only by
 `MLFLOW_TRACKING_URI`, and `cleanup` of runs whose process died (and only those)."""
-import multiprocessing as mp, os, signal, socket, sqlite3, subprocess, sys, time
-from pathlib import Path
+import multiprocessing as mp, os, sqlite3, subprocess, sys
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, child_env, run_cli
+from conftest import child_env, run_cli
 
 
 def test_init_creates_store_experiments_and_environment_run(project):

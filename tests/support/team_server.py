@@ -9,6 +9,10 @@ Everything listens on 127.0.0.1 on free ports; the data lives in DIR.
 import json, os, shutil, signal, socket, subprocess, sys, tempfile, time
 from pathlib import Path
 
+# MLflow 3 starts a job runner with seven Huey consumer processes beside every server (GenAI online scoring);
+# the tracking server of this project runs no server-side jobs
+SERVER_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
 
 def _free_port():
     with socket.socket() as s:
@@ -55,7 +59,7 @@ def start(folder) -> dict:
     proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri",
                              f"postgresql+psycopg2://postgres@127.0.0.1:{pg_port}/mlflow", "--artifacts-destination",
                              str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **SERVER_ENV},
                             start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     import urllib.request
@@ -91,7 +95,7 @@ def restart_mlflow(state: dict) -> dict:
                              f"postgresql+psycopg2://postgres@127.0.0.1:{state['pg_port']}/mlflow", "--artifacts-destination",
                              str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(state["port"]), "--workers", "1"],
                             stdout=open(d / "mlflow-server.log", "a"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, start_new_session=True)
+                            env={**os.environ, **SERVER_ENV}, start_new_session=True)
     import urllib.request
     for _ in range(360):
         try:
