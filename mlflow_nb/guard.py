@@ -16,7 +16,7 @@ from .compiled import (CategoricalBlock, ColumnPlan, CompiledPipeline, NotCompil
 from .schema import validate_columns
 
 # %% auto #0
-__all__ = ['EXTREMES', 'UNSEEN', 'probe_batches', 'first_difference', 'checked_compile']
+__all__ = ['EXTREMES', 'UNSEEN', 'COMPILED_ENV', 'probe_batches', 'first_difference', 'checked_compile', 'compile_for_serving']
 
 # %% ../nbs/09c_guard.ipynb #77fa3074
 _log = logging.getLogger("mlflow_nb.guard")
@@ -166,3 +166,34 @@ def checked_compile(pipeline,  # the fitted pipeline the service would call
     reason = diff or "no probe batch fits the signature"
     _log.warning("%s: compiled scoring path not used: %s", label, reason)
     return None, {**report, "compiled": False, "reason": reason}
+
+# %% ../nbs/09c_guard.ipynb #ab34a5a7
+COMPILED_ENV = "MLFLOW_NB_SERVE_COMPILED"  # "0", "false" or "no": never use the compiled path
+
+def _input_example(uri: str, meta) -> pd.DataFrame | None:
+    "The model's logged input example as a DataFrame (None without one, or when it cannot be read)."
+    import tempfile, mlflow
+    from mlflow.exceptions import MlflowException
+    if not getattr(meta, "saved_input_example_info", None): return None
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            ex = meta.load_input_example(mlflow.artifacts.download_artifacts(uri, dst_path=d))
+    except (MlflowException, OSError, ValueError) as e:
+        _log.warning("%s: input example not read (%s): probing generated rows only", uri, type(e).__name__)
+        return None
+    return ex if isinstance(ex, pd.DataFrame) else None
+
+def compile_for_serving(model,  # what `registry.load_model` loaded: a scikit-learn pipeline, or a pyfunc model
+                        meta,  # its `mlflow.models.Model` (signature, input example)
+                        uri: str,  # where it was loaded from (in the log, and to read the example)
+                       ) -> tuple[CompiledPipeline | None, dict]:
+    "(the checked compiled pipeline or None, the report `/metadata` shows) for a model the service loads."
+    import os
+    from sklearn.pipeline import Pipeline
+    if os.environ.get(COMPILED_ENV, "").strip().lower() in ("0", "false", "no"):
+        return None, {"compiled": False, "reason": f"{COMPILED_ENV} turns it off"}
+    if type(model) is not Pipeline:
+        return None, {"compiled": False, "reason": f"not compiled: {type(model).__name__} is not a Pipeline"}
+    try: compile_pipeline(model, strict=True)  # what it does not replicate, before reading any artifact
+    except NotCompilable as e: return None, {"compiled": False, "reason": f"not compiled: {e}"}
+    return checked_compile(model, meta.signature.inputs.to_dict(), _input_example(uri, meta), uri)
