@@ -6,7 +6,7 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/guard.html.md"""
 
 # %% ../nbs/09c_guard.ipynb #0a7339ed
 from __future__ import annotations
-import logging
+import logging, threading
 
 import numpy as np
 import pandas as pd
@@ -169,6 +169,8 @@ def checked_compile(pipeline,  # the fitted pipeline the service would call
 
 # %% ../nbs/09c_guard.ipynb #ab34a5a7
 COMPILED_ENV = "MLFLOW_NB_SERVE_COMPILED"  # "0", "false" or "no": never use the compiled path
+_checked: dict[str, tuple] = {}  # model_uuid -> (compiled or None, report): the last few models checked
+_checked_lock = threading.Lock()  # reloads run on several threads
 
 def _input_example(uri: str, meta) -> pd.DataFrame | None:
     "The model's logged input example as a DataFrame (None without one, or when it cannot be read)."
@@ -189,6 +191,7 @@ def compile_for_serving(model,  # what `registry.load_model` loaded: a scikit-le
                        ) -> tuple[CompiledPipeline | None, dict]:
     "(the checked compiled pipeline or None, the report `/metadata` shows) for a model the service loads."
     import os
+    from dataclasses import replace
     from sklearn.pipeline import Pipeline
     if os.environ.get(COMPILED_ENV, "").strip().lower() in ("0", "false", "no"):
         return None, {"compiled": False, "reason": f"{COMPILED_ENV} turns it off"}
@@ -196,4 +199,12 @@ def compile_for_serving(model,  # what `registry.load_model` loaded: a scikit-le
         return None, {"compiled": False, "reason": f"not compiled: {type(model).__name__} is not a Pipeline"}
     try: compile_pipeline(model, strict=True)  # what it does not replicate, before reading any artifact
     except NotCompilable as e: return None, {"compiled": False, "reason": f"not compiled: {e}"}
-    return checked_compile(model, meta.signature.inputs.to_dict(), _input_example(uri, meta), uri)
+    key = getattr(meta, "model_uuid", None)
+    with _checked_lock: hit = _checked.get(key) if key else None
+    if hit is None:
+        hit = checked_compile(model, meta.signature.inputs.to_dict(), _input_example(uri, meta), uri)
+        with _checked_lock:
+            _checked[key] = hit
+            while len(_checked) > 8: del _checked[next(iter(_checked))]
+    compiled, report = hit
+    return (compiled and replace(compiled, pipeline=model, fallbacks=0)), report
