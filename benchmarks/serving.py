@@ -4,7 +4,9 @@ The default RandomForest(100, max_depth=10) trained on the demo data and promote
 store. Every server runs on a loopback port, the same model behind each:
 
 - `mlflow models serve -m models:/diabetes_regressor@champion --env-manager local --workers N`
-- `mlflow-nb serve [--workers N]`, with its prediction log on (every request is logged to the serving run)
+- `mlflow-nb serve [--workers N]`, with its prediction log on (every request is logged to the serving run), scoring
+  with its compiled path (`mlflow_nb.compiled`, checked at load by `mlflow_nb.guard`)
+- "mlflow-nb sklearn": the same, started with MLFLOW_NB_SERVE_COMPILED=0, scoring with `pipeline.predict(DataFrame)`
 - a BentoML service, `@bentoml.api(batchable=True)` with BentoML's default batching settings, 1 worker, loading
   the same `model.skops` file with the same trusted types (access log off, as ours)
 
@@ -14,7 +16,9 @@ connections) run is warmed up for 2 s, then measured for `--duration` seconds in
 rounds are interleaved (every run of round 1, then every run of round 2, ...) so a noisy neighbour hits all sides
 alike. Medians of requests/s, p50 and p99. After each run of mlflow-nb the script reads `/metrics` and reports the
 prediction log's dropped requests and write errors and the 5xx answers during that run; at the end it stops the
-servers (SIGTERM) and reports how each serving run ended.
+servers (SIGTERM) and reports how each serving run ended. Before the servers start it times one in-process predict
+of 1 to 800 rows both ways (`pipeline.predict` and the compiled predictor, median of 50, answers checked equal):
+the ceiling of each configuration. Results: benchmarks/results/fastpath.json.
 
 Targets (issue 14): 1 row c=8 >= 25x MLflow's req/s with p99 <= 1/25 of MLflow's and 0 prediction-log drops;
 100 rows >= 18x; c=1 p50 <= MLflow's; --workers 2 on both sides >= 25x; against BentoML at c=8 and c=32 >= 4x its
@@ -68,7 +72,7 @@ done = function(summary, latency, requests)
 end
 '''
 
-COMPARISONS = [  # (label, anchor (server, body, connections), ours, target ratio of req/s)
+TARGETS = [  # (label, anchor (server, body, connections), ours, target ratio of req/s)
     ("1 row, c=8", ("mlflow", "1 row", 8), ("mlflow-nb", "1 row", 8), 25),
     ("100 rows, c=8", ("mlflow", "100 rows", 8), ("mlflow-nb", "100 rows", 8), 18),
     ("1 row, c=1", ("mlflow", "1 row", 1), ("mlflow-nb", "1 row", 1), None),
@@ -76,6 +80,12 @@ COMPARISONS = [  # (label, anchor (server, body, connections), ours, target rati
     ("BentoML, 1 row, c=8", ("bentoml", "1 row", 8), ("mlflow-nb", "1 row", 8), 4),
     ("BentoML, 1 row, c=32", ("bentoml", "1 row", 32), ("mlflow-nb", "1 row", 32), 4),
 ]
+# Each comparison twice: mlflow-nb with its compiled scoring path (the default), and "mlflow-nb sklearn", the same
+# service started with MLFLOW_NB_SERVE_COMPILED=0 so that every batch goes through `pipeline.predict(DataFrame)`.
+COMPARISONS = [row for label, anchor, ours, target in TARGETS
+               for row in ((label, anchor, ours, target),
+                           (f"{label} [pipeline.predict]", anchor, (ours[0].replace("mlflow-nb", "mlflow-nb sklearn"),
+                                                                     *ours[1:]), target))]
 
 
 def prepare(d: Path, cfg):
@@ -102,21 +112,30 @@ def prepare(d: Path, cfg):
     return name, bodies, bento_env, X
 
 
-def ceiling(name: str, X, sizes=(1, 4, 8, 16, 32, 400, 800)) -> dict:
-    "Seconds of one in-process `predict` of n rows (the model as the service loads it), median of 50: the floor of a batch."
+def ceiling(name: str, X, sizes=(1, 4, 8, 16, 32, 400, 800)) -> tuple[dict, dict]:
+    """Seconds of one in-process predict of n rows, median of 50 after a warm-up, the floor of a batch:
+    ({n: `pipeline.predict(DataFrame)`}, {n: the compiled predictor on the same rows as request columns}), the model
+    loaded as the service loads it; the two answers are checked equal bit for bit."""
     import statistics
-    from mlflow_nb.registry import load_model
-    from mlflow_nb.registry import resolve_version
-    model = load_model(f"models:/{name}/{resolve_version(name, 'champion').version}")
-    out = {}
+    import numpy as np
+    from mlflow_nb.schema import validate_columns
+    from mlflow_nb.serve import load_served_model
+    model = load_served_model(name, "champion")
+    if model.compiled is None: raise SystemExit(f"the served model was not compiled: {model.scoring}")
+    timed = lambda fn, arg: statistics.median(_seconds(fn, arg) for _ in range(50))
+    by_pipeline, by_compiled = {}, {}
     for n in sizes:
         rows = X.sample(n, replace=True, random_state=0)
-        model.predict(rows)
-        times = []
-        for _ in range(50):
-            t = time.perf_counter(); model.predict(rows); times.append(time.perf_counter() - t)
-        out[n] = statistics.median(times)
-    return out
+        cols, _, problems = validate_columns(rows.to_dict(orient="records"), model.input_schema)
+        assert not problems, problems
+        frame = rows.reset_index(drop=True)
+        assert np.array_equal(model.predict(frame), model.compiled.predict(cols)), "the compiled path differs"
+        by_pipeline[n], by_compiled[n] = timed(model.predict, frame), timed(model.compiled.predict, cols)
+    return by_pipeline, by_compiled
+
+
+def _seconds(fn, arg) -> float:
+    t = time.perf_counter(); fn(arg); return time.perf_counter() - t
 
 
 def server_commands(d: Path, name: str, bento_python: str | None, bento_env: dict) -> dict:
@@ -133,6 +152,9 @@ def server_commands(d: Path, name: str, bento_python: str | None, bento_env: dic
                "mlflow-nb": (ours(1), env, "/ready", "/invocations", "split"),
                "mlflow x2": (mlflow_serve(2), env, "/health", "/invocations", "split"),
                "mlflow-nb x2": (ours(2), env, "/ready", "/invocations", "split")}
+    plain = {**env, "MLFLOW_NB_SERVE_COMPILED": "0"}  # the same service scoring with pipeline.predict(DataFrame)
+    servers.update({"mlflow-nb sklearn": (ours(1), plain, "/ready", "/invocations", "split"),
+                    "mlflow-nb sklearn x2": (ours(2), plain, "/ready", "/invocations", "split")})
     if bento_python:
         bento_dir = d / "bento"; bento_dir.mkdir()
         (bento_dir / "service.py").write_text(BENTO_SERVICE)
@@ -212,9 +234,10 @@ def serving_runs(d: Path) -> list[dict]:
              "logged_rows": sum(m.value for m in client.get_metric_history(r.info.run_id, "window_rows"))} for r in runs]
 
 
-def summarise(results: dict, rounds: int, seconds: float, floor: dict) -> list[dict]:
+def summarise(results: dict, rounds: int, seconds: float, floors: tuple[dict, dict]) -> list[dict]:
     """The comparisons, with the ceiling of each: one worker answers at most c requests per in-process predict of
-    their rows (c rows for 1-row bodies, 8 x 100 for 100-row bodies), whatever its HTTP layer costs."""
+    their rows (c rows for 1-row bodies, 8 x 100 for 100-row bodies), whatever its HTTP layer costs (the compiled
+    predictor's time for the compiled service, `pipeline.predict`'s for "mlflow-nb sklearn")."""
     rows = []
     med = lambda key, f: median(x[f] for x in results[key])
     print(f"\nmedians of {rounds} rounds of {seconds:g} s:")
@@ -230,6 +253,7 @@ def summarise(results: dict, rounds: int, seconds: float, floor: dict) -> list[d
         row["rps_ratio"] = row["ours_rps"] / row["anchor_rps"]
         conns, batch_rows = ours[2], ours[2] * (100 if ours[1] == "100 rows" else 1)
         workers = 2 if ours[0].endswith("x2") else 1
+        floor = floors[0] if "sklearn" in ours[0] else floors[1]
         if batch_rows // workers in floor:  # c requests split over the workers: each predicts c / workers rows at a time
             row["ceiling_rps"] = workers * (conns // workers) / floor[batch_rows // workers]
             row["ceiling_ratio"] = row["ceiling_rps"] / row["anchor_rps"]
@@ -261,8 +285,9 @@ def main():
     runs = list(dict.fromkeys(k for c in comparisons for k in (c[1], c[2])))
     with temp_project() as (d, cfg):
         name, bodies, bento_env, X = prepare(d, cfg)
-        floor = ceiling(name, X)
-        print("in-process predict: " + ", ".join(f"{n} rows {t * 1000:.2f} ms" for n, t in floor.items()), flush=True)
+        floors = ceiling(name, X)
+        for what, floor in zip(("pipeline.predict", "compiled"), floors):
+            print(f"in-process {what}: " + ", ".join(f"{n} rows {t * 1000:.3f} ms" for n, t in floor.items()), flush=True)
         servers = server_commands(d, name, bento, bento_env)
         needed = list(dict.fromkeys(k[0] for k in runs))
         ports, procs = {}, {}
@@ -275,15 +300,16 @@ def main():
             answered = sum(rows_answered(ports[s]) for s in needed if s.startswith("mlflow-nb"))
         finally:
             for p in procs.values(): stop_server(p)
-        rows = summarise(results, a.rounds, a.duration, floor)
+        rows = summarise(results, a.rounds, a.duration, floors)
         ended = serving_runs(d)
         logged = sum(r["logged_rows"] for r in ended)
         print(f"serving runs after SIGTERM: {[r['status'] for r in ended]}; rows answered {answered:.0f}, "
               f"rows in the serving runs {logged:.0f}")
-        write_results("serve", {"rounds": a.rounds, "duration_s": a.duration, "comparisons": rows, "serving_runs": ended,
-                                  "predict_seconds_by_rows": floor,
-                                  "rows_answered": answered, "rows_logged": logged,
-                                  "runs": {" | ".join(map(str, k)): v for k, v in results.items()}})
+        write_results("fastpath", {"rounds": a.rounds, "duration_s": a.duration, "comparisons": rows,
+                                   "serving_runs": ended, "predict_seconds_by_rows": floors[0],
+                                   "compiled_seconds_by_rows": floors[1],
+                                   "rows_answered": answered, "rows_logged": logged,
+                                   "runs": {" | ".join(map(str, k)): v for k, v in results.items()}})
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from .registry import load_model, resolve_version
 from .schema import (RequestError, error_body, failure, parse_json_body, prediction_body, read_body, respond,
                               validate_columns)
 from .prediction_log import PredictionLog, end_serving_run, serving_run
+from .guard import compile_for_serving
 
 # %% auto #0
 __all__ = ['BUCKETS', 'SERVE_SPEC_ENV', 'ServedModel', 'load_served_model', 'request_columns', 'predict_rows', 'score',
@@ -43,12 +44,15 @@ class ServedModel:
     input_schema: list[dict]  # the signature's inputs, as MLflow writes them
     output_schema: list[dict] | None
     loaded_at: float = field(default_factory=time.time)
+    compiled: object = None  # `CompiledPipeline`: predict(columns) -> array, or None (`predict` on a DataFrame)
+    scoring: dict = field(default_factory=dict)  # the guard's report on the compiled path
 
     @property
     def metadata(self) -> dict:  # what GET /metadata answers
         return {"name": self.name, "alias": self.alias, "version": self.version, "run_id": self.run_id,
                 "model_uri": f"models:/{self.name}/{self.version}", "input_schema": self.input_schema,
-                "output_schema": self.output_schema, "loaded_at": self.loaded_at}
+                "output_schema": self.output_schema, "loaded_at": self.loaded_at,
+                "scoring": {**self.scoring, "fallbacks": self.compiled.fallbacks if self.compiled else 0}}
 
 # %% ../nbs/10_serve.ipynb #9d11665d
 def load_served_model(name: str,  # registered model
@@ -64,8 +68,9 @@ def load_served_model(name: str,  # registered model
     meta = loaded.meta
     if meta.signature is None: raise MlflowNbError(f"{uri} has no signature: log it with one to serve it")
     alias = None if str(alias_or_version).lstrip("@").isdigit() else str(alias_or_version).lstrip("@")
-    return ServedModel(name, alias, str(mv.version), mv.run_id, loaded.predict, meta.signature.inputs.to_dict(),
-                       meta.signature.outputs.to_dict() if meta.signature.outputs else None)
+    sig, (compiled, report) = meta.signature, compile_for_serving(loaded.model, meta, uri)
+    return ServedModel(name, alias, str(mv.version), mv.run_id, loaded.predict, sig.inputs.to_dict(),
+                       sig.outputs.to_dict() if sig.outputs else None, compiled=compiled, scoring=report)
 
 # %% ../nbs/10_serve.ipynb #9d8ff40b
 def request_columns(body: bytes,  # the raw request body
@@ -81,12 +86,13 @@ def predict_rows(model: ServedModel,  # the model to call
                  cols: dict[str, np.ndarray],  # columns typed for it
                  max_rows: int = 1024,  # the most rows one predict call gets (a hard cap)
                 ) -> tuple[np.ndarray, list[int]]:
-    "(predictions, rows of each predict call): one call per `max_rows` rows."
-    X = pd.DataFrame(cols, copy=False)
-    n = len(X)
-    if n <= max_rows: return np.asarray(model.predict(X)), [n]
-    sizes = [min(max_rows, n - i) for i in range(0, n, max_rows)]
-    return np.concatenate([np.asarray(model.predict(X.iloc[i:i + max_rows])) for i in range(0, n, max_rows)]), sizes
+    "(predictions, rows of each predict call): one call per `max_rows` rows; the compiled path when there is one."
+    compiled, n = model.compiled, len(next(iter(cols.values())))
+    X = cols if compiled else pd.DataFrame(cols, copy=False)  # the compiled path takes the columns as they are
+    predict, starts = (compiled or model).predict, range(0, n, max_rows)
+    if n <= max_rows: return np.asarray(predict(X)), [n]
+    parts = ({c: a[i:i + max_rows] for c, a in cols.items()} if compiled else X.iloc[i:i + max_rows] for i in starts)
+    return np.concatenate([np.asarray(predict(p)) for p in parts]), [min(max_rows, n - i) for i in starts]
 
 # %% ../nbs/10_serve.ipynb #3e9acec2
 def score(body: bytes,  # a request body in any of MLflow's formats

@@ -675,3 +675,32 @@ def test_the_scoring_service_keeps_answering_while_the_tracking_server_is_down(t
             team.update(team_server.restart_mlflow(team))
     finally:
         server.stop()
+
+
+def test_the_compiled_path_is_checked_at_load_and_answers_what_the_pipeline_answers(served):
+    """Issue 14: the served forest is scored by its compiled form (checked at load, reported in /metadata), which
+    answers exactly `pipeline.predict` for rows with gaps and extremes, and hands a value past float32 back to the
+    pipeline (422 as before); MLFLOW_NB_SERVE_COMPILED=0 serves the same answers through `pipeline.predict`."""
+    from mlflow_nb.registry import load_model
+    project, server, X, expected, res = served
+    _store(project)
+    pipeline = load_model(f"models:/diabetes_regressor/{res.version}").model
+    rng = np.random.default_rng(3)
+    rows = X.head(300).astype(object).where(rng.random((300, X.shape[1])) > 0.2, None).to_dict(orient="records")
+    rows += [{**rows[0], "bmi": v} for v in (0.0, -0.0, 5e-324, -1e-300, 1e6, -1e6, 3e36)]
+    wanted = pipeline.predict(pd.DataFrame(rows, columns=COLUMNS, dtype=float)).tolist()
+    plain = Server(project, "-o", "serve.log_predictions=false", env={"MLFLOW_NB_SERVE_COMPILED": "0"})
+    try:
+        for s, compiled in ((server, True), (plain, False)):
+            with httpx.Client(base_url=s.url, timeout=60) as c:
+                assert c.get("/metadata").json()["scoring"]["compiled"] is compiled
+                assert c.post("/invocations", json={"dataframe_records": rows}).json()["predictions"] == wanted
+                for i in (0, 7, 299):  # alone, as the batcher often scores one request
+                    assert c.post("/predict", json={"dataframe_records": [rows[i]]}).json()["predictions"] == [wanted[i]]
+                r = c.post("/predict", json={"dataframe_records": [{**rows[1], "bmi": 1e39}]})
+                assert r.status_code == 422 and "float32" in r.json()["error"], r.text
+        scoring = httpx.get(f"{server.url}/metadata").json()["scoring"]
+        assert scoring["estimator"] == "RandomForestRegressor" and scoring["checked_rows"] > 500 and scoring["fallbacks"] >= 1
+        assert "MLFLOW_NB_SERVE_COMPILED" in httpx.get(f"{plain.url}/metadata").json()["scoring"]["reason"]
+    finally:
+        plain.stop()
