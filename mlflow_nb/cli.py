@@ -6,7 +6,7 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/cli.html.md"""
 
 # %% ../nbs/19_cli.ipynb #fb5cda68
 from __future__ import annotations
-import argparse, os, sys, threading, time
+import argparse, logging, os, sys, threading, time
 from pathlib import Path
 
 from .core import MlflowNbError, TAG_KIND, TAG_REGISTERED_VERSION, error_line, redact
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None,  # the arguments (default: sys.argv[1:])
     except MlflowNbError as e:
         _say(f"mlflow-nb: error: {e}"); return 2
     except KeyboardInterrupt:
+        logging.getLogger("asyncio").disabled = True  # an interrupted kernel's pending task, reported at exit
         _say("mlflow-nb: interrupted: the runs this command opened were ended as KILLED"); return 130
     except Exception as e:  # the tracking store refused or could not be reached: say so in one line
         code = _store_error(e)

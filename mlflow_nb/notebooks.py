@@ -203,6 +203,8 @@ def _execute(step: str, notebook: Path, out: Path, parameters: dict, kernel=None
     import papermill
     from papermill.exceptions import PapermillExecutionError
     where = {"km": kernel} if kernel is not None else {"cwd": str(notebook.parent)}
+    nbclient_log, was = logging.getLogger("traitlets"), logging.getLogger("traitlets").disabled
+    nbclient_log.disabled = True  # nbclient's own line for a kernel that died: the step's error line says it once
     try:
         papermill.execute_notebook(str(notebook), str(out), parameters=parameters, kernel_name="python3",
                                    progress_bar=False, log_output=False, **where)
@@ -211,6 +213,7 @@ def _execute(step: str, notebook: Path, out: Path, parameters: dict, kernel=None
         return f"step {step} failed in cell {e.exec_count}: {e.ename}: {why}"
     except Exception as e:  # the kernel died, could not start, or timed out
         return f"step {step} failed: {error_line(e)}"
+    finally: nbclient_log.disabled = was
     return None
 
 def _log_notebook(step: str, out: Path, run_id: str, client: MlflowClient) -> str | None:
