@@ -83,19 +83,39 @@ def team(tmp_path_factory):
     finally: team_server.stop(d)
 
 
-@pytest.fixture
-def tproject(tmp_path, team):
-    "A project whose configs point at the team server, with its own experiment and model names (tests share it)."
+def _project_on(tmp_path: Path, uri: str):
+    "A config folder pointing at the server `uri`, with its own experiment and model names."
     cfg = tmp_path / "configs"
     shutil.copytree(CONFIGS, cfg)
     tag = tmp_path.name.replace("-", "_")[-40:]
     text = (cfg / "mlflow_config.yaml").read_text()
-    text = text.replace('uri: "sqlite:///../mlflow.db"', f'uri: "{team["uri"]}"')
+    text = text.replace('uri: "sqlite:///../mlflow.db"', f'uri: "{uri}"')
     text = text.replace('default: "development"', f'default: "dev_{tag}"').replace('production: "production"', f'production: "prod_{tag}"')
     (cfg / "mlflow_config.yaml").write_text(text)
     model = (cfg / "model_config.yaml").read_text().replace('name: "diabetes_regressor"', f'name: "model_{tag}"')
     (cfg / "model_config.yaml").write_text(model)
-    return tmp_path, team["uri"], f"dev_{tag}", f"model_{tag}"
+    return tmp_path, uri, f"dev_{tag}", f"model_{tag}"
+
+
+@pytest.fixture
+def tproject(tmp_path, team):
+    "(project, uri, experiment, model): a project on the team server (tests share the server)."
+    return _project_on(tmp_path, team["uri"])
+
+
+@pytest.fixture
+def own_server(tmp_path_factory, team):
+    "An MLflow server of this test's own, on the team PostgreSQL: for tests that stop it (the shared one stays up)."
+    from support import team_server
+    state = team_server.start_private_mlflow(team, tmp_path_factory.mktemp("own-server"))
+    try: yield state
+    finally: team_server.stop_mlflow(state)
+
+
+@pytest.fixture
+def oproject(tmp_path, own_server):
+    "(project, uri, experiment, model) on `own_server`."
+    return _project_on(tmp_path, own_server["uri"])
 
 
 @pytest.fixture(scope="session")

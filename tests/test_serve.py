@@ -653,15 +653,16 @@ def test_missing_values_in_every_column_kind_score_alike_everywhere(tmp_path_fac
     assert served_ours == pyfunc == served_theirs
 
 
-def test_the_scoring_service_keeps_answering_while_the_tracking_server_is_down(tproject, team):
-    project, uri, exp, model = tproject
+def test_the_scoring_service_keeps_answering_while_the_tracking_server_is_down(oproject, own_server):
+    "Its own server, stopped under it (the shared team server stays up for the tests beside this one)."
+    project, uri, exp, model = oproject
     assert run_cli("train", "-o", "model.params.n_estimators=20", cwd=project).returncode == 0
     assert run_cli("promote", "--version", "1", cwd=project).returncode == 0
     from mlflow_nb.data import load_dataset
     X = load_dataset("sklearn:diabetes").drop(columns="target").head(3).to_dict(orient="records")
     server = Server(project, "-o", "serve.log_window_seconds=0.5")
     try:
-        team_server.stop_mlflow(team)
+        team_server.stop_mlflow(own_server)
         try:
             for _ in range(20):
                 r = httpx.post(f"{server.url}/predict", json={"dataframe_records": X}, timeout=10)
@@ -672,7 +673,7 @@ def test_the_scoring_service_keeps_answering_while_the_tracking_server_is_down(t
             assert httpx.post(f"{server.url}/reload", timeout=120).status_code == 503  # says so, keeps the model
             assert httpx.post(f"{server.url}/predict", json={"dataframe_records": X}, timeout=10).status_code == 200
         finally:
-            team.update(team_server.restart_mlflow(team))
+            own_server.update(team_server.restart_mlflow(own_server))
     finally:
         server.stop()
 

@@ -265,8 +265,8 @@ def test_random_search_with_the_study_in_the_team_postgresql(project, team, clus
 # -- the store goes down mid-sweep ---------------------------------------------------------------------------------
 
 @needs_server
-def test_server_stopped_mid_sweep_gives_a_clear_error_and_nothing_half_registered(tproject, team):
-    project, uri, exp, model = tproject
+def test_server_stopped_mid_sweep_gives_a_clear_error_and_nothing_half_registered(oproject, own_server):
+    project, uri, exp, model = oproject
     exe = Path(sys.executable).parent / "mlflow-nb"
     proc = subprocess.Popen([str(exe), "sweep", "--workers", "2", "--quiet", "-g", "model.params.max_depth=2,3,4,5,6,7"],
                             cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
@@ -274,13 +274,12 @@ def test_server_stopped_mid_sweep_gives_a_clear_error_and_nothing_half_registere
     deadline = time.time() + 120
     while time.time() < deadline and not any(r.info.status == "FINISHED" for r in _runs(client, exp, f"tags.`{TRIAL}` != ''")):
         time.sleep(0.3)
-    team_server.stop_mlflow(team)
+    team_server.stop_mlflow(own_server)
     t0 = time.time()
     try:
         out, err = proc.communicate(timeout=240)
     finally:
-        state = team_server.restart_mlflow(team)
-        team.update(state)
+        own_server.update(team_server.restart_mlflow(own_server))
     assert proc.returncode != 0
     last = err.strip().splitlines()[-1]
     assert last.startswith("mlflow-nb: ") and ("unreachable" in last or "failed" in last), err[-2000:]

@@ -6,7 +6,7 @@
 PostgreSQL refuses to run as root, so its commands run as the `postgres` user (runuser) when we are root.
 Everything listens on 127.0.0.1 on free ports; the data lives in DIR.
 """
-import json, os, shutil, signal, socket, subprocess, sys, tempfile, time
+import json, os, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
 from pathlib import Path
 
 # MLflow 3 starts a job runner with seven Huey consumer processes beside every server (GenAI online scoring);
@@ -92,7 +92,8 @@ def restart_mlflow(state: dict) -> dict:
     "Start the MLflow server again on the same port and database (after stop_mlflow)."
     d = Path(state["dir"])
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-                             f"postgresql+psycopg2://postgres@127.0.0.1:{state['pg_port']}/mlflow", "--artifacts-destination",
+                             f"postgresql+psycopg2://postgres@127.0.0.1:{state['pg_port']}/{state.get('db', 'mlflow')}",
+                             "--artifacts-destination",
                              str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(state["port"]), "--workers", "1"],
                             stdout=open(d / "mlflow-server.log", "a"), stderr=subprocess.STDOUT,
                             env={**os.environ, **SERVER_ENV}, start_new_session=True)
@@ -104,6 +105,22 @@ def restart_mlflow(state: dict) -> dict:
     state = {**state, "mlflow_pid": proc.pid}
     (d / "state.json").write_text(json.dumps(state))
     return state
+
+
+def start_private_mlflow(state: dict,  # the running team stores (start's result)
+                         folder,  # the private server's log and artifacts
+                        ) -> dict:
+    """Another MLflow server on the same PostgreSQL, on a database of its own: for tests that stop their server,
+    so that tests running beside them keep theirs. Stop it with stop_mlflow."""
+    d = Path(folder).resolve(); d.mkdir(parents=True, exist_ok=True)
+    db = f"mlflow_{os.getpid()}_{time.time_ns()}"
+    subprocess.run(_as_postgres([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(state["pg_port"]), "-U", "postgres",
+                                 db]), check=True, capture_output=True)
+    own = {**state, "db": db, "dir": str(d), "port": _free_port()}
+    own["uri"] = f"http://127.0.0.1:{own['port']}"
+    own = restart_mlflow(own)
+    with urllib.request.urlopen(f"{own['uri']}/health", timeout=5): pass  # (raises if it never came up)
+    return own
 
 
 def stop(folder) -> None:
