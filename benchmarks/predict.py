@@ -4,7 +4,8 @@ Same model (the default config's RandomForestRegressor(100, max_depth=10) with i
 demo data and registered), same input (a CSV of N rows x the 10 demo features: demo rows resampled with a little
 noise, 6 decimals), same 2 cores, each side a fresh process timed end to end (start-up included: the Dask
 cluster, the JVM) with its peak memory (RSS summed over the process and all its children, sampled every 0.1 s):
-  (a) `mlflow-nb predict --workers 2` (a LocalCluster of 2 single-threaded workers) -> Parquet parts,
+  (a) `mlflow-nb predict --workers 2` (the local default: a LocalCluster of 2 threads in the CLI's own process)
+      -> Parquet parts; also `--processes --workers 2` (2 single-threaded worker processes, the old default),
   (b) `mlflow models predict -t csv --env-manager local` (MLflow's CLI: one process, pandas) -> JSON,
   (c) `mlflow.pyfunc.spark_udf` on `local[2]` (MLflow's documented scale-out path) -> Parquet.
 Targets: (a) faster than (b) and (c) at 2 M rows; (a)'s peak memory at 10 M rows under 1.5x its peak at 2 M.
@@ -16,7 +17,7 @@ PySpark lives in a benchmark-only environment that reuses the project's venv for
     echo "$PWD/.venv/lib/python3.11/site-packages" > /work/benchenv/spark/lib/python3.11/site-packages/project.pth
     /work/benchenv/spark/bin/pip install pyspark      # Java 17 must be on PATH
 
-    flock /tmp/mlflow_nb_bench.lock python benchmarks/predict.py [--rows 2000000] [--big-rows 10000000] [--rounds 1]
+    flock /tmp/mlflow_nb_bench.lock python benchmarks/predict.py [--rows 2000000] [--big-rows 10000000] [--rounds 3]
 """
 from __future__ import annotations
 import argparse, os, shutil, subprocess, sys, tempfile, threading, time
@@ -80,6 +81,9 @@ def sides(folder: Path, src: Path, uri: str, env: dict) -> dict:
     return {
         "mlflow_nb": ([str(BIN / "mlflow-nb"), "predict", "--input", str(src), "--output", f"{out}-nb", "--model",
                        "diabetes_regressor/1", "--workers", "2", "--quiet", "--config", str(folder / "configs")], f"{out}-nb"),
+        "mlflow_nb_processes": ([str(BIN / "mlflow-nb"), "predict", "--input", str(src), "--output", f"{out}-nbp",
+                                 "--model", "diabetes_regressor/1", "--workers", "2", "--processes", "--quiet",
+                                 "--config", str(folder / "configs")], f"{out}-nbp"),
         "mlflow_models_predict": ([str(BIN / "mlflow"), "models", "predict", "-m", "models:/diabetes_regressor/1", "-i", str(src),
                                    "-o", f"{out}-mlflow.json", "-t", "csv", "--env-manager", "local"], f"{out}-mlflow.json"),
         "spark_udf": ([str(SPARK_PYTHON), "-c", SPARK_JOB, str(src), f"{out}-spark", "models:/diabetes_regressor/1",
@@ -113,7 +117,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--no-spark", action="store_true", help="skip the PySpark side")
     args = ap.parse_args()
-    names = ["mlflow_nb", "mlflow_models_predict"] + ([] if args.no_spark else ["spark_udf"])
+    names = ["mlflow_nb", "mlflow_nb_processes", "mlflow_models_predict"] + ([] if args.no_spark else ["spark_udf"])
     if "spark_udf" in names and not SPARK_PYTHON.exists(): raise SystemExit(f"{SPARK_PYTHON}: build it (see the docstring)")
     with temp_project() as (folder, _):
         uri = train(folder)

@@ -6,7 +6,7 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/sweep.html.md"""
 
 # %% ../nbs/16_sweep.ipynb #61fb5262
 from __future__ import annotations
-import json, math, os, warnings
+import itertools, json, math, os, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,7 +141,6 @@ def open_study(search: str,  # grid, random or tpe
                name: str | None = None,  # the study's name in that storage
               ):
     "A new in-memory study, or the study `name` in `storage` (created if missing); a grid's points queued in order."
-    import itertools
     study = _create_study(storage, name, direction, make_sampler(search, seed))
     if search == "grid":  # every combination once, in order; points a resumed study already holds are skipped
         grid = grid_values(space)
@@ -151,9 +150,10 @@ def open_study(search: str,  # grid, random or tpe
 # %% ../nbs/16_sweep.ipynb #b7ecf261
 @contextmanager
 def dask_client(scheduler: str | None = None,  # tcp://host:8786 of an existing scheduler (None: DASK_SCHEDULER_ADDRESS)
-                workers: int = 2,  # worker processes of the LocalCluster started when there is no scheduler
+                workers: int = 2,  # processes (threads when not `processes`) of the local cluster, without a scheduler
                 timeout: float = 15,  # seconds to wait for the scheduler and a first worker
                 announce: bool = False,  # print the dashboard's link
+                processes: bool = True,  # a local cluster of processes; False: one worker of `workers` threads here
                ):
     "A Dask `Client` to the named scheduler, or to a fresh LocalCluster; closed (and the cluster stopped) at the end."
     from distributed import Client, LocalCluster
@@ -162,7 +162,8 @@ def dask_client(scheduler: str | None = None,  # tcp://host:8786 of an existing 
     cluster = None
     try:
         if address is None:
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, silence_logs=40,
+            n, threads = (workers, 1) if processes else (1, workers)  # processes of one thread, or threads of one
+            cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=processes, silence_logs=40,
                                    dashboard_address=":0" if announce else None)  # a dashboard only when shown
         client = Client(cluster or address, timeout=timeout, set_as_default=False)
     except (OSError, TimeoutError) as e:
@@ -257,8 +258,7 @@ def store_answers(client: MlflowClient,  # a client of the sweep's store
 
 def _submit(dask, study, plan: SweepPlan, sweep, tr) -> tuple:
     "Ask the study for one trial and submit it; (future, optuna trial)."
-    trial = study.ask(plan.space)
-    params = dict(trial.params)
+    trial = study.ask(plan.space); params = dict(trial.params)
     spec = TrialSpec(plan.config_dir, [*plan.overrides, *(f"{k}={json.dumps(v)}" for k, v in params.items())],
                      sweep.info.run_id, tr.default_experiment_id, trial.number, params, plan.metric)
     return dask.submit(run_trial, spec, key=f"trial-{sweep.info.run_id}-{trial.number}", pure=False), trial
