@@ -16,7 +16,7 @@ import pandas as pd
 
 from .core import MlflowNbError, TAG_ALIAS, TAG_KIND, TAG_MODEL, TAG_MODEL_VERSION, error_line
 from .registry import check_trust, load_model, resolve_version
-from .sweep import dask_client
+from .cluster import dask_client
 from .tracking import log_params, tracked_run, use_store
 
 # %% auto #0
