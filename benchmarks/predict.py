@@ -57,22 +57,36 @@ def make_input(path: Path, rows: int, seed: int = 0) -> None:
             np.savetxt(f, block, fmt="%.6f", delimiter=",")
 
 
-def measured(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float]:
-    "(seconds, peak RSS in MiB of the process tree) of running `cmd`; fails loudly when it fails."
+def _tree_cpu(root, seen: dict) -> None:
+    "Record in `seen` the CPU seconds (user + system) each process of the tree has used so far."
     import psutil
+    for p in [root, *root.children(recursive=True)]:
+        try: t = p.cpu_times(); seen[p.pid] = t.user + t.system
+        except psutil.Error: pass
+
+
+def measured(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float, float]:
+    """(seconds, peak RSS in MiB, CPU seconds) of running `cmd` and its process tree; fails loudly when it fails.
+    CPU seconds: what the kernel accounted to the waited-for tree (getrusage), or, when more, the sum of each
+    process's last sampled times (a child nobody waits for); on a shared machine they tell work from waiting."""
+    import psutil, resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak, root = 0, psutil.Process(proc.pid)
+    peak, root, cpu = 0, psutil.Process(proc.pid), {}
     err = []
     reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True); reader.start()
     while proc.poll() is None:
         try: peak = max(peak, sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
         except psutil.Error: pass
+        _tree_cpu(root, cpu)
         time.sleep(0.1)
     secs = time.perf_counter() - t0
     reader.join()
     if proc.returncode != 0: raise SystemExit(f"{cmd[0]} failed: {''.join(err)[-3000:]}")
-    return secs, peak / 2**20
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    waited = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return secs, peak / 2**20, max(waited, sum(cpu.values()))
 
 
 def sides(folder: Path, src: Path, uri: str, env: dict) -> dict:
@@ -91,7 +105,7 @@ def sides(folder: Path, src: Path, uri: str, env: dict) -> dict:
     }
 
 
-def run_side(name: str, folder: Path, src: Path, uri: str, env: dict) -> tuple[float, float]:
+def run_side(name: str, folder: Path, src: Path, uri: str, env: dict) -> tuple[float, float, float]:
     cmd, out = sides(folder, src, uri, env)[name]
     try: return measured(cmd, env, folder)
     finally:
@@ -125,19 +139,21 @@ def main():
         small, src = folder / "warm.csv", folder / "rows.csv"
         make_input(small, 100_000); make_input(src, args.rows)
         for n in names: run_side(n, folder, small, uri, env)  # warm-up
-        times, peaks = {n: [] for n in names}, {n: [] for n in names}
+        times, peaks, cpus = {n: [] for n in names}, {n: [] for n in names}, {n: [] for n in names}
         for r in range(args.rounds):
             for n in names:
-                s, m = run_side(n, folder, src, uri, env)
-                times[n].append(s); peaks[n].append(m)
-                print(f"round {r + 1}: {n:<22} {s:7.1f} s  peak {m:7.0f} MiB", flush=True)
-        res = {"rows": args.rows, "rounds": args.rounds, "seconds": times, "peak_mib": peaks,
-               "median_s": {n: median(v) for n, v in times.items()}}
+                s, m, c = run_side(n, folder, src, uri, env)
+                times[n].append(s); peaks[n].append(m); cpus[n].append(c)
+                print(f"round {r + 1}: {n:<22} {s:7.1f} s  cpu {c:7.1f} s  peak {m:7.0f} MiB  load {os.getloadavg()[0]:.1f}",
+                      flush=True)
+        res = {"rows": args.rows, "rounds": args.rounds, "seconds": times, "peak_mib": peaks, "cpu_s": cpus,
+               "median_s": {n: median(v) for n, v in times.items()},
+               "median_cpu_s": {n: median(v) for n, v in cpus.items()}}
         res["speedup_vs"] = {n: ratio(res["median_s"][n], res["median_s"]["mlflow_nb"]) for n in names if n != "mlflow_nb"}
         res["rows_per_s"] = {n: args.rows / res["median_s"][n] for n in names}
         if args.big_rows:
             src.unlink(); big = folder / "big.csv"; make_input(big, args.big_rows)
-            s, m = run_side("mlflow_nb", folder, big, uri, env)
+            s, m, _ = run_side("mlflow_nb", folder, big, uri, env)
             res["big"] = {"rows": args.big_rows, "seconds": s, "peak_mib": m,
                           "peak_ratio_vs_small": m / median(peaks["mlflow_nb"])}
             print(f"{args.big_rows} rows: mlflow_nb {s:.1f} s, peak {m:.0f} MiB "
