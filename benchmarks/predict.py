@@ -4,7 +4,8 @@ Same model (the default config's RandomForestRegressor(100, max_depth=10) with i
 demo data and registered), same input (a CSV of N rows x the 10 demo features: demo rows resampled with a little
 noise, 6 decimals), same 2 cores, each side a fresh process timed end to end (start-up included: the Dask
 cluster, the JVM) with its peak memory (RSS summed over the process and all its children, sampled every 0.1 s):
-  (a) `mlflow-nb predict --workers 2` (a LocalCluster of 2 single-threaded workers) -> Parquet parts,
+  (a) `mlflow-nb predict --workers 2` (the local default: a LocalCluster of 2 threads in the CLI's own process)
+      -> Parquet parts; also `--processes --workers 2` (2 single-threaded worker processes, the old default),
   (b) `mlflow models predict -t csv --env-manager local` (MLflow's CLI: one process, pandas) -> JSON,
   (c) `mlflow.pyfunc.spark_udf` on `local[2]` (MLflow's documented scale-out path) -> Parquet.
 Targets: (a) faster than (b) and (c) at 2 M rows; (a)'s peak memory at 10 M rows under 1.5x its peak at 2 M.
@@ -16,7 +17,7 @@ PySpark lives in a benchmark-only environment that reuses the project's venv for
     echo "$PWD/.venv/lib/python3.11/site-packages" > /work/benchenv/spark/lib/python3.11/site-packages/project.pth
     /work/benchenv/spark/bin/pip install pyspark      # Java 17 must be on PATH
 
-    flock /tmp/mlflow_nb_bench.lock python benchmarks/predict.py [--rows 2000000] [--big-rows 10000000] [--rounds 1]
+    flock /tmp/mlflow_nb_bench.lock python benchmarks/predict.py [--rows 2000000] [--big-rows 10000000] [--rounds 3]
 """
 from __future__ import annotations
 import argparse, os, shutil, subprocess, sys, tempfile, threading, time
@@ -56,22 +57,36 @@ def make_input(path: Path, rows: int, seed: int = 0) -> None:
             np.savetxt(f, block, fmt="%.6f", delimiter=",")
 
 
-def measured(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float]:
-    "(seconds, peak RSS in MiB of the process tree) of running `cmd`; fails loudly when it fails."
+def _tree_cpu(root, seen: dict) -> None:
+    "Record in `seen` the CPU seconds (user + system) each process of the tree has used so far."
     import psutil
+    for p in [root, *root.children(recursive=True)]:
+        try: t = p.cpu_times(); seen[p.pid] = t.user + t.system
+        except psutil.Error: pass
+
+
+def measured(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float, float]:
+    """(seconds, peak RSS in MiB, CPU seconds) of running `cmd` and its process tree; fails loudly when it fails.
+    CPU seconds: what the kernel accounted to the waited-for tree (getrusage), or, when more, the sum of each
+    process's last sampled times (a child nobody waits for); on a shared machine they tell work from waiting."""
+    import psutil, resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak, root = 0, psutil.Process(proc.pid)
+    peak, root, cpu = 0, psutil.Process(proc.pid), {}
     err = []
     reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True); reader.start()
     while proc.poll() is None:
         try: peak = max(peak, sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
         except psutil.Error: pass
+        _tree_cpu(root, cpu)
         time.sleep(0.1)
     secs = time.perf_counter() - t0
     reader.join()
     if proc.returncode != 0: raise SystemExit(f"{cmd[0]} failed: {''.join(err)[-3000:]}")
-    return secs, peak / 2**20
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    waited = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return secs, peak / 2**20, max(waited, sum(cpu.values()))
 
 
 def sides(folder: Path, src: Path, uri: str, env: dict) -> dict:
@@ -80,6 +95,9 @@ def sides(folder: Path, src: Path, uri: str, env: dict) -> dict:
     return {
         "mlflow_nb": ([str(BIN / "mlflow-nb"), "predict", "--input", str(src), "--output", f"{out}-nb", "--model",
                        "diabetes_regressor/1", "--workers", "2", "--quiet", "--config", str(folder / "configs")], f"{out}-nb"),
+        "mlflow_nb_processes": ([str(BIN / "mlflow-nb"), "predict", "--input", str(src), "--output", f"{out}-nbp",
+                                 "--model", "diabetes_regressor/1", "--workers", "2", "--processes", "--quiet",
+                                 "--config", str(folder / "configs")], f"{out}-nbp"),
         "mlflow_models_predict": ([str(BIN / "mlflow"), "models", "predict", "-m", "models:/diabetes_regressor/1", "-i", str(src),
                                    "-o", f"{out}-mlflow.json", "-t", "csv", "--env-manager", "local"], f"{out}-mlflow.json"),
         "spark_udf": ([str(SPARK_PYTHON), "-c", SPARK_JOB, str(src), f"{out}-spark", "models:/diabetes_regressor/1",
@@ -87,7 +105,7 @@ def sides(folder: Path, src: Path, uri: str, env: dict) -> dict:
     }
 
 
-def run_side(name: str, folder: Path, src: Path, uri: str, env: dict) -> tuple[float, float]:
+def run_side(name: str, folder: Path, src: Path, uri: str, env: dict) -> tuple[float, float, float]:
     cmd, out = sides(folder, src, uri, env)[name]
     try: return measured(cmd, env, folder)
     finally:
@@ -113,7 +131,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--no-spark", action="store_true", help="skip the PySpark side")
     args = ap.parse_args()
-    names = ["mlflow_nb", "mlflow_models_predict"] + ([] if args.no_spark else ["spark_udf"])
+    names = ["mlflow_nb", "mlflow_nb_processes", "mlflow_models_predict"] + ([] if args.no_spark else ["spark_udf"])
     if "spark_udf" in names and not SPARK_PYTHON.exists(): raise SystemExit(f"{SPARK_PYTHON}: build it (see the docstring)")
     with temp_project() as (folder, _):
         uri = train(folder)
@@ -121,19 +139,21 @@ def main():
         small, src = folder / "warm.csv", folder / "rows.csv"
         make_input(small, 100_000); make_input(src, args.rows)
         for n in names: run_side(n, folder, small, uri, env)  # warm-up
-        times, peaks = {n: [] for n in names}, {n: [] for n in names}
+        times, peaks, cpus = {n: [] for n in names}, {n: [] for n in names}, {n: [] for n in names}
         for r in range(args.rounds):
             for n in names:
-                s, m = run_side(n, folder, src, uri, env)
-                times[n].append(s); peaks[n].append(m)
-                print(f"round {r + 1}: {n:<22} {s:7.1f} s  peak {m:7.0f} MiB", flush=True)
-        res = {"rows": args.rows, "rounds": args.rounds, "seconds": times, "peak_mib": peaks,
-               "median_s": {n: median(v) for n, v in times.items()}}
+                s, m, c = run_side(n, folder, src, uri, env)
+                times[n].append(s); peaks[n].append(m); cpus[n].append(c)
+                print(f"round {r + 1}: {n:<22} {s:7.1f} s  cpu {c:7.1f} s  peak {m:7.0f} MiB  load {os.getloadavg()[0]:.1f}",
+                      flush=True)
+        res = {"rows": args.rows, "rounds": args.rounds, "seconds": times, "peak_mib": peaks, "cpu_s": cpus,
+               "median_s": {n: median(v) for n, v in times.items()},
+               "median_cpu_s": {n: median(v) for n, v in cpus.items()}}
         res["speedup_vs"] = {n: ratio(res["median_s"][n], res["median_s"]["mlflow_nb"]) for n in names if n != "mlflow_nb"}
         res["rows_per_s"] = {n: args.rows / res["median_s"][n] for n in names}
         if args.big_rows:
             src.unlink(); big = folder / "big.csv"; make_input(big, args.big_rows)
-            s, m = run_side("mlflow_nb", folder, big, uri, env)
+            s, m, _ = run_side("mlflow_nb", folder, big, uri, env)
             res["big"] = {"rows": args.big_rows, "seconds": s, "peak_mib": m,
                           "peak_ratio_vs_small": m / median(peaks["mlflow_nb"])}
             print(f"{args.big_rows} rows: mlflow_nb {s:.1f} s, peak {m:.0f} MiB "

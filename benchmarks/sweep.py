@@ -4,14 +4,14 @@ Same data (a synthetic 20,000-row regression CSV, 10 features: each fit takes ab
 configurations (RandomForestRegressor, n_estimators 40, max_depth 4..11 x max_features 0.5/1.0), three sides:
   (a) `run_sweep` on a LocalCluster of 1 worker process,
   (b) `run_sweep` on a LocalCluster of 2 worker processes (target: (a)/(b) >= 1.7x on 2 cores),
-  (c) the anchor: a bare loop in one process, for each config: split, fit, score, `mlflow.start_run`,
+  (c) the anchor: a bare loop in one process: read and split once, then for each config: fit, score, `mlflow.start_run`,
       log params + metrics, `mlflow.sklearn.log_model` in skops format with a signature and explicit requirements
       (no requirement inference on either side, as mlflow_nb logs its models) (target: (a) <= 1.10 x (c)).
 The clusters are started before timing (their start-up is reported apart) and warmed up by a 2-trial sweep, so
 the workers have imported everything; the anchor is warmed up by one fit + log. Rounds are interleaved, each on
 a fresh SQLite store; medians are reported.
 
-    flock /tmp/mlflow_nb_bench.lock python benchmarks/sweep.py [--rounds 2] [--trials 16]
+    flock /tmp/mlflow_nb_bench.lock python benchmarks/sweep.py [--rounds 3] [--trials 16]
 """
 from __future__ import annotations
 import argparse, itertools, json, os, sys, time
@@ -65,10 +65,10 @@ def bare_loop_seconds(folder: Path, trials: int) -> float:
     mlflow.set_tracking_uri(f"sqlite:///{store}")
     mlflow.set_experiment("bare")
     t0 = time.perf_counter()
+    df = pd.read_csv(folder / "data.csv")  # read and split once, as a sweep's worker now keeps its last trial's data
+    X, y = df.drop(columns="target"), df["target"]
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, random_state=42)
     for c in grid(trials):
-        df = pd.read_csv(folder / "data.csv")
-        X, y = df.drop(columns="target"), df["target"]
-        Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.2, random_state=42)
         params = {"n_estimators": 40, "max_depth": c["model.params.max_depth"], "max_features": c["model.params.max_features"]}
         with mlflow.start_run():
             model = RandomForestRegressor(random_state=42, **params).fit(Xtr, ytr)
@@ -87,7 +87,7 @@ def main():
     warnings.filterwarnings("ignore"); logging.getLogger("distributed").setLevel(logging.ERROR)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--trials", type=int, default=16)
     args = ap.parse_args()
     from distributed import LocalCluster

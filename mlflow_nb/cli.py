@@ -291,7 +291,8 @@ def cmd_sweep(args) -> int:
     Arg("--output", required=True, metavar="OUT", help="a new folder for predictions/ and rejects/ (Parquet)"),
     Arg("--model", metavar="NAME@ALIAS", help="default: model.name@promotion.alias; NAME/VERSION for a version"),
     Arg("--keep", metavar="COL,...", help="key columns to copy into the output (default: a row_id)"),
-    Arg("--workers", type=int, default=2, help="worker processes of the local Dask cluster (default 2)"),
+    Arg("--workers", type=int, default=2, help="threads (--processes: processes) of the local cluster (default 2)"),
+    Arg("--processes", action="store_true", help="a local cluster of worker processes (default: threads of this one)"),
     Arg("--scheduler", metavar="ADDRESS", help="a Dask scheduler (default: DASK_SCHEDULER_ADDRESS, else local)"),
     Arg("--blocksize", type=int, default=32, metavar="MB", help="CSV megabytes per partition (default 32)"),
     Arg("--quiet", action="store_true", help="no progress bar"),
@@ -304,7 +305,7 @@ def cmd_predict(args) -> int:
     model = args.model or f"{cfg.model.estimator.name}@{cfg.model.promotion.alias}"
     keep = [c.strip() for c in args.keep.split(",") if c.strip()] if args.keep else []
     res = predict_files(args.input, args.output, model, tr, keep, args.scheduler, args.workers, args.blocksize << 20,
-                        progress=not args.quiet)
+                        progress=not args.quiet, processes=args.processes)
     print(f"predict run    : {res.run_id} (experiment {tr.experiment_names['production']})")
     print(f"model          : {res.model_uri}")
     print(f"rows in        : {res.rows_in} in {res.partitions} partitions")

@@ -6,7 +6,7 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/predict.html.md"""
 
 # %% ../nbs/17_predict.ipynb #96993989
 from __future__ import annotations
-import json, os, time, uuid
+import json, os, sys, threading, time, uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -16,13 +16,14 @@ import pandas as pd
 
 from .core import MlflowNbError, TAG_ALIAS, TAG_KIND, TAG_MODEL, TAG_MODEL_VERSION, error_line
 from .registry import check_trust, load_model, resolve_version
-from .sweep import dask_client
+from .cluster import dask_client
 from .tracking import log_params, tracked_run, use_store
 
 # %% auto #0
-__all__ = ['FILE_KINDS', 'NUMERIC', 'Part', 'input_files', 'csv_parts', 'parquet_parts', 'plan_input', 'count_rows',
-           'number_rows', 'read_part', 'validate_rows', 'ModelRef', 'worker_model', 'predict_isolating', 'ScoreTask',
-           'score_part', 'model_ref', 'model_columns', 'check_columns', 'PredictResult', 'predict_files']
+__all__ = ['FILE_KINDS', 'NUMERIC', 'Part', 'input_files', 'csv_parts', 'parquet_parts', 'plan_input', 'csv_rows', 'count_rows',
+           'first_rows', 'read_part', 'validate_rows', 'ModelRef', 'worker_model', 'predict_isolating', 'ScoreTask',
+           'score_part', 'model_ref', 'model_columns', 'check_columns', 'PredictResult', 'submit_parts',
+           'predict_files']
 
 # %% ../nbs/17_predict.ipynb #e78b94fe
 @dataclass
@@ -34,8 +35,7 @@ class Part:
     start: int  # first byte (csv) or row group (parquet)
     stop: int  # end byte or row group (exclusive)
     header: bytes = b""  # a CSV file's header line
-    rows: int | None = None  # rows in the part (counted before scoring)
-    first_row: int = 0  # the input-wide number of its first row
+    rows: int | None = None  # rows in the part: a Parquet part's from its metadata; a CSV part's are counted
 
 FILE_KINDS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -97,27 +97,33 @@ def plan_input(source: str | Path,  # a file or a folder
     return parts
 
 # %% ../nbs/17_predict.ipynb #f3e82b08
-def count_rows(part: Part,  # a planned part
-              ) -> int:
-    "The rows of a part: non-empty lines of a CSV byte range; a Parquet part's metadata count."
-    if part.kind == "parquet": return part.rows
-    with open(part.path, "rb") as f:
-        f.seek(part.start); data = f.read(part.stop - part.start)
+def csv_rows(data: bytes,  # a CSV byte range starting at a line start (no header line)
+            ) -> int:
+    "The records in `data`: its non-empty lines (a lone carriage return is empty too)."
     if not data: return 0
-    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
-    starts = np.concatenate([[0], ends + 1])
-    stops = np.concatenate([ends, [len(data)]])
-    length = stops - starts
-    first = np.frombuffer(data, dtype=np.uint8)[np.minimum(starts, len(data) - 1)]
-    blank = (length == 0) | ((length == 1) & (first == 13))  # an empty line, or a lone carriage return
+    if b"\n\n" not in data and b"\n\r\n" not in data and not data.startswith((b"\n", b"\r")) \
+       and not data.endswith(b"\n\r"):  # no blank line: one record per line end, plus an unterminated last line
+        return data.count(b"\n") + (not data.endswith(b"\n"))
+    codes = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(codes == 10)
+    starts, stops = np.concatenate([[0], ends + 1]), np.concatenate([ends, [len(data)]])
+    first = codes[np.minimum(starts, len(data) - 1)]
+    blank = (stops == starts) | ((stops - starts == 1) & (first == 13))
     return int((~blank).sum())
 
-def number_rows(parts: list[Part],  # the input's parts, in order
-                counts: list[int],  # their row counts
-               ) -> list[Part]:
-    "The parts with their row counts and input-wide first row numbers."
-    firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)
-    return [replace(p, rows=int(n), first_row=int(f)) for p, n, f in zip(parts, counts, firsts)]
+# %% ../nbs/17_predict.ipynb #92bf895d
+def count_rows(part: Part,  # a planned part
+              ) -> int:
+    "The rows of a part: the records of a CSV byte range; a Parquet part's metadata count."
+    if part.kind == "parquet": return part.rows
+    with open(part.path, "rb") as f:
+        f.seek(part.start); return csv_rows(f.read(part.stop - part.start))
+
+# %% ../nbs/17_predict.ipynb #d3fa3151
+def first_rows(counts: list[int],  # the row counts of the input's parts, in order
+              ) -> list[int]:
+    "The input-wide number of each part's first row, then the total: `len(counts) + 1` numbers."
+    return [0, *np.cumsum(counts, dtype=np.int64).tolist()]
 
 # %% ../nbs/17_predict.ipynb #4ca104bc
 NUMERIC = {"double", "float", "long", "integer"}
@@ -125,21 +131,21 @@ NUMERIC = {"double", "float", "long", "integer"}
 def read_part(part: Part,  # the part to read
               columns: list[dict],  # the model's input columns: {"name", "type"}
               keep: list[str] = (),  # key columns to carry into the output
-             ) -> pd.DataFrame:
-    "The part's rows, with the model's and the key columns only; CSV text in numeric columns kept when it is no number."
+             ) -> tuple:
+    "(an Arrow table of the part's model and key columns, its record count); text kept where a number does not parse."
     import pyarrow as pa, pyarrow.csv as pcsv, pyarrow.parquet as pq
     names = list(dict.fromkeys([c["name"] for c in columns] + list(keep)))
     if part.kind == "parquet":
-        return pq.ParquetFile(part.path).read_row_groups(range(part.start, part.stop), columns=names).to_pandas()
+        return pq.ParquetFile(part.path).read_row_groups(range(part.start, part.stop), columns=names), part.rows
     with open(part.path, "rb") as f:
-        f.seek(part.start); data = part.header + f.read(part.stop - part.start)
+        f.seek(part.start); data = f.read(part.stop - part.start)
     def parse(types):
         opts = pcsv.ConvertOptions(include_columns=names, column_types=types, strings_can_be_null=True)
-        return pcsv.read_csv(pa.BufferReader(data), read_options=pcsv.ReadOptions(use_threads=False),
-                             convert_options=opts).to_pandas()
+        return pcsv.read_csv(pa.BufferReader(part.header + data), read_options=pcsv.ReadOptions(use_threads=False),
+                             convert_options=opts)
     text = {n: pa.string() for n in names}
-    try: return parse({**text, **{c["name"]: pa.float64() for c in columns if c["type"] in NUMERIC}})
-    except pa.ArrowInvalid: return parse(text)  # some value is no number: read it as text, validation names it
+    try: return parse({**text, **{c["name"]: pa.float64() for c in columns if c["type"] in NUMERIC}}), csv_rows(data)
+    except pa.ArrowInvalid: return parse(text), csv_rows(data)  # some value is no number: validation names it
 
 # %% ../nbs/17_predict.ipynb #6cf1d95b
 def _numeric(s: pd.Series, kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -199,13 +205,15 @@ def worker_model(ref: ModelRef,  # the pinned version and its store
     "(model, load id): the model of `ref`, loaded once per Dask worker (or process) after the trust check."
     from distributed import get_worker
     try: holder = get_worker()  # on a worker the model lives as long as the worker
-    except ValueError: holder = worker_model  # outside Dask: as long as this process
-    cache = holder.__dict__.setdefault("mlflow_nb_models", {})
-    if ref not in cache:
-        use_store(ref.tracking_uri); mlflow.set_registry_uri(ref.registry_uri)
-        cache[ref] = load_model(ref.uri).model, f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    return cache[ref]
+    except ValueError: holder = sys.modules[__name__]  # outside Dask: this process (a module pickles by name)
+    with holder.__dict__.setdefault("mlflow_nb_model_lock", threading.Lock()):  # a worker's threads share one load
+        cache = holder.__dict__.setdefault("mlflow_nb_models", {})
+        if ref not in cache:
+            use_store(ref.tracking_uri); mlflow.set_registry_uri(ref.registry_uri)
+            cache[ref] = load_model(ref.uri).model, f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        return cache[ref]
 
+# %% ../nbs/17_predict.ipynb #9fad820b
 def predict_isolating(model,  # a fitted model
                       frame: pd.DataFrame,  # validated rows
                      ) -> tuple[np.ndarray, np.ndarray]:
@@ -220,7 +228,7 @@ def predict_isolating(model,  # a fitted model
     same = p1.dtype == p2.dtype
     return np.concatenate([p1, p2] if same else [p1.astype(object), p2.astype(object)]), np.concatenate([w1, w2])
 
-# %% ../nbs/17_predict.ipynb #9fad820b
+# %% ../nbs/17_predict.ipynb #d9771235
 @dataclass
 class ScoreTask:
     "One part to score: plain data, so it travels to any worker."
@@ -230,40 +238,53 @@ class ScoreTask:
     keep: list[str]  # key columns to carry (empty: a row_id instead)
     output: str  # the output folder
 
-def _write(table: pd.DataFrame, folder: Path, index: int) -> None:
-    "Write a part's table atomically (a retried task overwrites, never appends)."
+def _write(table, folder: Path, index: int) -> None:
+    "Write a part's Arrow table atomically (a retried task overwrites, never appends)."
+    import pyarrow.parquet as pq
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".part-{index:05d}.{uuid.uuid4().hex[:6]}.tmp"
-    table.to_parquet(tmp, index=False)
+    pq.write_table(table, tmp)
     os.replace(tmp, folder / f"part-{index:05d}.parquet")
 
-def _ids(task: ScoreTask, frame: pd.DataFrame) -> pd.DataFrame:
-    "The key columns of `frame`, or its input-wide row numbers."
-    if task.keep: return frame[list(task.keep)].reset_index(drop=True)
-    return pd.DataFrame({"row_id": np.arange(task.part.first_row, task.part.first_row + len(frame), dtype=np.int64)})
+def _ids(task: ScoreTask, table, starts: list[int] | None):
+    "The key columns of the part's Arrow `table`, or the input-wide numbers of its rows."
+    import pyarrow as pa
+    if task.keep: return table.select(list(task.keep))
+    first = starts[task.part.index]
+    return pa.table({"row_id": np.arange(first, first + table.num_rows, dtype=np.int64)})
 
-# %% ../nbs/17_predict.ipynb #d9771235
+def _rejects(ids, frame: pd.DataFrame, why: np.ndarray, bad: np.ndarray):
+    "The rejected rows as an Arrow table: keys, reason, then the model's columns as text."
+    import pyarrow as pa
+    keys = ids.filter(pa.array(bad)).to_pandas()
+    raw = frame.drop(columns=[c for c in frame if c in keys])[bad].reset_index(drop=True)
+    raw = raw.astype(object).where(raw.notna(), None).map(lambda v: v if v is None else str(v))
+    return pa.Table.from_pandas(pd.concat([keys, pd.DataFrame({"reason": why[bad]}), raw], axis=1),
+                                preserve_index=False)
+
+# %% ../nbs/17_predict.ipynb #74a00e3a
 def score_part(task: ScoreTask,  # the part, the model, the columns, the output folder
+               starts: list[int] | None = None,  # `first_rows` of the whole input (needed without `task.keep`)
               ) -> dict:
     "Read, validate, score and write one part; its counts and the model load that scored it."
+    import pyarrow as pa
     t0 = time.perf_counter()
-    frame = read_part(task.part, task.columns, task.keep)
-    model, load = worker_model(task.model)
+    table, records = read_part(task.part, task.columns, task.keep)
+    frame = table.select([c["name"] for c in task.columns]).to_pandas()
     rows, why = validate_rows(frame, task.columns)
+    model, load = worker_model(task.model)  # a thread waiting here for another's load has read its part meanwhile
     ok = why == ""
     preds, failed = predict_isolating(model, rows[ok])
     why[np.flatnonzero(ok)[failed != ""]] = failed[failed != ""]
-    ids, out = _ids(task, frame), Path(task.output)
     scored = ok.copy(); scored[ok] = failed == ""
-    predictions = ids[scored].reset_index(drop=True).assign(prediction=preds[failed == ""])
+    ids, out = _ids(task, table, starts), Path(task.output)
+    predictions = ids.filter(pa.array(scored)).append_column("prediction", pa.array(preds[failed == ""]))
     _write(predictions, out / "predictions", task.part.index)
-    if (~scored).any():
-        raw = frame[[c["name"] for c in task.columns]][~scored].reset_index(drop=True)  # the rejected rows only
-        raw = raw.astype(object).where(raw.notna(), None).map(lambda v: v if v is None else str(v))
-        rejects = pd.concat([ids[~scored].reset_index(drop=True), pd.DataFrame({"reason": why[~scored]}), raw], axis=1)
-        _write(rejects, out / "rejects", task.part.index)
-    return {"part": task.part.index, "rows": len(frame), "predictions": int(scored.sum()),
-            "rejects": int((~scored).sum()), "load": load, "seconds": time.perf_counter() - t0}
+    if not scored.all(): _write(_rejects(ids, frame, why, ~scored), out / "rejects", task.part.index)
+    counted = None if starts is None else starts[task.part.index + 1] - starts[task.part.index]
+    return {"part": task.part.index, "rows": table.num_rows, "records": records, "counted": counted,
+            "predictions": int(scored.sum()), "rejects": int((~scored).sum()), "load": load,
+            "seconds": time.perf_counter() - t0}
 
 # %% ../nbs/17_predict.ipynb #956a4ee9
 def model_ref(ref: str,  # NAME@ALIAS or NAME/VERSION
@@ -318,13 +339,16 @@ def _prepare_output(output: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     return out.resolve()
 
-def _count(dask, parts: list[Part]) -> list[Part]:
-    "The parts with their rows counted on the cluster."
-    futs = [dask.submit(count_rows, p, key=f"count-{uuid.uuid4().hex}") for p in parts]
-    try: return number_rows(parts, dask.gather(futs))
-    except OSError as e:  # a worker cannot read a file the driver sees: not the same folder there
-        raise MlflowNbError(f"--input: a worker cannot read it ({error_line(e)}): workers need the same files") \
-            from None
+def submit_parts(dask,  # a Dask client
+                 tasks: list[ScoreTask],  # one per part, in input order
+                ) -> list:
+    "A scoring future per part; without keys, after small tasks that count the CSV parts' rows (no driver barrier)."
+    starts, tag = None, uuid.uuid4().hex
+    if not tasks[0].keep:  # rows are numbered input-wide: each part needs the counts of the parts before it
+        counts = [t.part.rows if t.part.rows is not None else
+                  dask.submit(count_rows, t.part, key=f"count-{t.part.index}-{tag}") for t in tasks]
+        starts = dask.submit(first_rows, counts, key=f"first-rows-{tag}")
+    return [dask.submit(score_part, t, starts, key=f"score-{t.part.index}-{tag}") for t in tasks]
 
 # %% ../nbs/17_predict.ipynb #46b9b2a0
 def _score(dask, tasks: list[ScoreTask], progress: bool) -> list[dict]:
@@ -332,9 +356,9 @@ def _score(dask, tasks: list[ScoreTask], progress: bool) -> list[dict]:
     import pyarrow as pa
     from distributed import as_completed
     from tqdm.auto import tqdm
-    futs = [dask.submit(score_part, t, key=f"score-{t.part.index}-{uuid.uuid4().hex}") for t in tasks]
+    futs, known = submit_parts(dask, tasks), [t.part.rows for t in tasks]
     results = []
-    with tqdm(total=sum(t.part.rows for t in tasks), desc="predict", unit="row", unit_scale=True,
+    with tqdm(total=None if None in known else sum(known), desc="predict", unit="row", unit_scale=True,
               disable=not progress) as bar:
         for fut in as_completed(futs, loop=dask.loop):
             try: results.append(fut.result())
@@ -350,11 +374,12 @@ def _failed_part(futs, tasks) -> str:
     return f"{t.part.path} (part {t.part.index})"
 
 def _reconcile(parts: list[Part], results: list[dict]) -> None:
-    "Raise if any part's rows in differ from its predictions plus rejects, or from what was counted."
+    "Raise unless each part's records = rows parsed (= rows counted) = predictions + rejects."
     for p, r in zip(parts, results):
-        if not p.rows == r["rows"] == r["predictions"] + r["rejects"]:
-            raise MlflowNbError(f"--input {p.path}: part {p.index} counted {p.rows} rows, read {r['rows']}, wrote "
-                                f"{r['predictions']} predictions + {r['rejects']} rejects (a quoted line break?)")
+        if not r["records"] == r["rows"] == r["predictions"] + r["rejects"] or r["counted"] not in (None, r["rows"]):
+            raise MlflowNbError(f"--input {p.path}: part {p.index} holds {r['records']} records (counted "
+                                f"{r['counted']}), parsed {r['rows']} rows, wrote {r['predictions']} predictions + "
+                                f"{r['rejects']} rejects (a quoted line break, or a file changed during the job?)")
 
 # %% ../nbs/17_predict.ipynb #c0f43166
 def predict_files(source: str | Path,  # a CSV/Parquet file or a folder of them
@@ -363,9 +388,10 @@ def predict_files(source: str | Path,  # a CSV/Parquet file or a folder of them
                   tracking,  # the `Tracking` from setup_tracking (the store and the production experiment)
                   keep: list[str] = (),  # key columns to copy into the output (none: a row_id)
                   scheduler: str | None = None,  # a Dask scheduler (default: DASK_SCHEDULER_ADDRESS, else local)
-                  workers: int = 2,  # LocalCluster worker processes when there is no scheduler
+                  workers: int = 2,  # threads (or processes) of the local cluster when there is no scheduler
                   blocksize: int = 32 << 20,  # CSV bytes per part
                   progress: bool = True,  # progress bar and dashboard link
+                  processes: bool = False,  # local cluster of worker processes instead of threads of this one
                  ) -> PredictResult:
     "Score every row of `source` with `model` on Dask; rows in = predictions + rejects, recorded in one run."
     name, version, alias = model_ref(model)
@@ -374,14 +400,13 @@ def predict_files(source: str | Path,  # a CSV/Parquet file or a folder of them
     check_columns(parts, columns, list(keep))
     out, t0 = _prepare_output(output), time.perf_counter()
     tags = {TAG_KIND: "predict", TAG_MODEL: name, TAG_MODEL_VERSION: version, **({TAG_ALIAS: alias} if alias else {})}
-    with dask_client(scheduler, workers, announce=progress) as dask, \
+    with dask_client(scheduler, workers, announce=progress, processes=processes) as dask, \
          tracked_run("predict", experiment_id=tracking.production_experiment_id, tags=tags) as run:
         log_params({"predict": {"input": str(source), "output": str(out), "model": ref.uri, "keep": list(keep),
                                 "parts": len(parts)}})
-        parts = _count(dask, parts)
         results = _score(dask, [ScoreTask(p, ref, columns, list(keep), str(out)) for p in parts], progress)
         _reconcile(parts, results)
-        res = PredictResult(run.info.run_id, ref.uri, sum(p.rows for p in parts),
+        res = PredictResult(run.info.run_id, ref.uri, sum(r["rows"] for r in results),
                             sum(r["predictions"] for r in results), sum(r["rejects"] for r in results), len(parts),
                             len({r["load"] for r in results}), time.perf_counter() - t0, str(out))
         mlflow.log_metrics({k: float(getattr(res, k)) for k in ("rows_in", "predictions", "rejects", "partitions",

@@ -6,8 +6,7 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/sweep.html.md"""
 
 # %% ../nbs/16_sweep.ipynb #61fb5262
 from __future__ import annotations
-import json, math, os, warnings
-from contextlib import contextmanager
+import hashlib, itertools, json, math, os, sys, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from .core import (MlflowNbError, PARENT_RUN, TAG_ERROR, TAG_KIND, TAG_SWEEP_BEST_RUN, TAG_SWEEP_STUDY,
                             TAG_SWEEP_TRIAL, error_line, redact)
+from .cluster import cluster_thread_count, dask_client
 from .config import load_config
 from .metrics import get_metric
 from .pipeline import adopt_env_run
@@ -26,9 +26,9 @@ from .data import log_dataset_inputs
 from .train import prepare_data, train_model
 
 # %% auto #0
-__all__ = ['SEARCHES', 'dimension', 'search_space', 'grid_values', 'make_sampler', 'open_study', 'dask_client',
-           'cluster_thread_count', 'TrialSpec', 'trial_runs', 'settle_attempts', 'run_trial', 'SweepPlan',
-           'store_answers', 'run_search', 'log_study', 'log_sweep_data', 'plan_sweep', 'run_sweep']
+__all__ = ['SEARCHES', 'dimension', 'search_space', 'grid_values', 'make_sampler', 'open_study', 'TrialSpec', 'trial_runs',
+           'settle_attempts', 'data_key', 'trial_data', 'run_trial', 'SweepPlan', 'store_answers', 'run_search',
+           'log_study', 'log_sweep_data', 'plan_sweep', 'run_sweep']
 
 # %% ../nbs/16_sweep.ipynb #c298055a
 def _bounds(where: str, spec: list, kind: type) -> tuple:
@@ -141,46 +141,11 @@ def open_study(search: str,  # grid, random or tpe
                name: str | None = None,  # the study's name in that storage
               ):
     "A new in-memory study, or the study `name` in `storage` (created if missing); a grid's points queued in order."
-    import itertools
     study = _create_study(storage, name, direction, make_sampler(search, seed))
     if search == "grid":  # every combination once, in order; points a resumed study already holds are skipped
         grid = grid_values(space)
         for combo in itertools.product(*grid.values()): study.enqueue_trial(dict(zip(grid, combo)), skip_if_exists=True)
     return study
-
-# %% ../nbs/16_sweep.ipynb #b7ecf261
-@contextmanager
-def dask_client(scheduler: str | None = None,  # tcp://host:8786 of an existing scheduler (None: DASK_SCHEDULER_ADDRESS)
-                workers: int = 2,  # worker processes of the LocalCluster started when there is no scheduler
-                timeout: float = 15,  # seconds to wait for the scheduler and a first worker
-                announce: bool = False,  # print the dashboard's link
-               ):
-    "A Dask `Client` to the named scheduler, or to a fresh LocalCluster; closed (and the cluster stopped) at the end."
-    from distributed import Client, LocalCluster
-    address = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
-    if address is None and workers < 1: raise MlflowNbError(f"--workers: must be at least 1, got {workers}")
-    cluster = None
-    try:
-        if address is None:
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, silence_logs=40,
-                                   dashboard_address=":0" if announce else None)  # a dashboard only when shown
-        client = Client(cluster or address, timeout=timeout, set_as_default=False)
-    except (OSError, TimeoutError) as e:
-        if cluster is not None: cluster.close()
-        raise MlflowNbError(f"--scheduler {address}: no Dask scheduler answered ({error_line(e, limit=200)})") from None
-    try:
-        try: client.wait_for_workers(1, timeout=timeout)
-        except TimeoutError: raise MlflowNbError(f"--scheduler {address}: the scheduler has no workers") from None
-        if announce and client.dashboard_link: print(f"dask dashboard : {client.dashboard_link}", flush=True)
-        yield client
-    finally:
-        client.close()
-        if cluster is not None: cluster.close()
-
-def cluster_thread_count(client,  # a distributed Client
-                   ) -> int:
-    "How many tasks the cluster runs at once."
-    return max(1, sum(client.nthreads().values()))
 
 # %% ../nbs/16_sweep.ipynb #3e2c6cf5
 @dataclass
@@ -215,6 +180,30 @@ def settle_attempts(client: MlflowClient,  # a client of the sweep's store
     return done
 
 # %% ../nbs/16_sweep.ipynb #c82dbd33
+def data_key(config,  # a trial's loaded configs
+            ) -> str | None:
+    "A digest of the data a config trains on (settings and the file's bytes); None for a folder (not kept)."
+    mc, path = config.model, Path(config.model.data.source)
+    h = hashlib.blake2b(json.dumps([mc.data.model_dump(mode="json"), mc.training.model_dump(mode="json"),
+                                    mc.estimator.type], sort_keys=True, default=str).encode(), digest_size=16)
+    if path.is_dir(): return None
+    if path.is_file():
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22): h.update(chunk)
+    return h.hexdigest()
+
+# %% ../nbs/16_sweep.ipynb #0682656f
+def trial_data(config,  # a trial's loaded configs
+              ):
+    "The trial's loaded and split data: this process's last trial's when `data_key` matches, else loaded anew."
+    key = data_key(config)
+    if key is None: return prepare_data(config)
+    held = sys.modules[__name__].__dict__.setdefault("mlflow_nb_trial_data", {})  # one entry: the last data set
+    prep = held.get(key)
+    if prep is None: prep = prepare_data(config); held.clear(); held[key] = prep
+    return prep
+
+# %% ../nbs/16_sweep.ipynb #6a244d37
 def run_trial(spec: TrialSpec,  # what to train, where to log
              ) -> dict:
     "Train one trial as a child run of the sweep run; {'run_id', 'status', metrics... or 'error'}."
@@ -224,7 +213,7 @@ def run_trial(spec: TrialSpec,  # what to train, where to log
         tr = setup_tracking(cfg)
         done = settle_attempts(tr.client(), spec)
         if done: return done
-        res = train_model(None, cfg, register=False, plots=False, run_name=f"trial-{spec.number}",
+        res = train_model(trial_data(cfg), cfg, register=False, plots=False, run_name=f"trial-{spec.number}",
                           parent_run_id=spec.sweep_run_id, tags={TAG_SWEEP_TRIAL: str(spec.number)})
         return {"run_id": res.run_id, "status": "FINISHED", **res.metrics}
     except MlflowNbError as e: return {"run_id": None, "status": "FAILED", "error": str(e)[:500]}
@@ -257,8 +246,7 @@ def store_answers(client: MlflowClient,  # a client of the sweep's store
 
 def _submit(dask, study, plan: SweepPlan, sweep, tr) -> tuple:
     "Ask the study for one trial and submit it; (future, optuna trial)."
-    trial = study.ask(plan.space)
-    params = dict(trial.params)
+    trial = study.ask(plan.space); params = dict(trial.params)
     spec = TrialSpec(plan.config_dir, [*plan.overrides, *(f"{k}={json.dumps(v)}" for k, v in params.items())],
                      sweep.info.run_id, tr.default_experiment_id, trial.number, params, plan.metric)
     return dask.submit(run_trial, spec, key=f"trial-{sweep.info.run_id}-{trial.number}", pure=False), trial

@@ -96,6 +96,29 @@ def test_predict_a_parquet_folder_numbers_rows_when_there_is_no_key(project, clu
     assert _predict_run(MlflowClient(uri, uri)).data.tags["mlflow_nb.alias"] == "champion"
 
 
+def test_predict_on_the_local_default_numbers_csv_rows_in_input_order(project):
+    "No scheduler: threads of the CLI's own process, one model load; a CSV with blank lines, several parts, no key."
+    _train(project)
+    rows = _scoring_frame(n=24_000, seed=2).drop(columns="id")
+    text = rows.to_csv(index=False).splitlines()
+    text[1 + 12_345] = text[1 + 12_345].replace(text[1 + 12_345].split(",")[0], "abc", 1)  # row 12345: age "abc"
+    blank = {500, 9000, 20000}  # blank lines the CSV reader skips: they must not shift the numbers
+    lines = [l for i, t in enumerate(text) for l in ([t, ""] if i in blank else [t])]
+    (project / "rows.csv").write_text("\n".join(lines))
+    r = run_cli("predict", "--input", "rows.csv", "--output", "out", "--model", "diabetes_regressor/1",
+                "--blocksize", "1", "--quiet", cwd=project)
+    assert r.returncode == 0, r.stderr[-3000:]
+    preds = pd.read_parquet(project / "out" / "predictions").sort_values("row_id")
+    rejects = pd.read_parquet(project / "out" / "rejects")
+    assert list(rejects.row_id) == [12_345] and rejects.reason[0].startswith("age: not a number ('abc')")
+    assert list(preds.row_id) == [i for i in range(len(rows)) if i != 12_345]
+    expected = _pyfunc(f"sqlite:///{project}/mlflow.db", 1, rows.drop(index=12_345))
+    np.testing.assert_allclose(preds.prediction.to_numpy(), expected, rtol=1e-12)
+    uri = f"sqlite:///{project}/mlflow.db"
+    m = _predict_run(MlflowClient(uri, uri)).data.metrics
+    assert m["partitions"] >= 3 and m["model_loads"] == 1 and m["rows_in"] == len(rows)  # one load, shared by threads
+
+
 def test_bad_predict_input_is_one_line_and_starts_no_run(project, cluster):
     _train(project)
     rows = _scoring_frame(n=50)

@@ -114,6 +114,22 @@ def test_sweep_8_trials_4_local_workers_store_given_only_by_the_environment(proj
     _no_stray_store(project, None)
 
 
+def test_trials_on_one_worker_reuse_split_data_only_when_the_data_settings_match(project):
+    "One worker runs all four trials in order; the two with test_size 0.5 must not train on the 0.2 split it kept."
+    r = run_cli("sweep", "--workers", "1", "--quiet", "-g", "training.test_size=0.2,0.5", "-g",
+                "model.params.max_depth=2,3", "-o", "model.params.n_estimators=5", cwd=project)
+    assert r.returncode == 0, r.stderr[-3000:]
+    uri = f"sqlite:///{project}/mlflow.db"
+    client = MlflowClient(uri, uri)
+    [sweep] = _sweep_runs(client, "development")
+    runs = _trials(client, "development", sweep.info.run_id)
+    _one_finished_per_trial(runs, range(4))
+    for run in runs:  # the evaluation set each trial logged: ceil(test_size x 442 diabetes rows)
+        [test] = [i.dataset for i in run.inputs.dataset_inputs if i.dataset.name == "evaluation"]
+        share = float(run.data.params["training.test_size"])
+        assert json.loads(test.profile)["num_rows"] == {0.2: 89, 0.5: 221}[share], (share, test.profile)
+
+
 @needs_server
 def test_sweep_8_trials_on_the_cluster_against_the_server_given_only_by_the_environment(project, team, cluster):
     exp = f"dev_{project.name.replace('-', '_')[-30:]}"
