@@ -69,6 +69,18 @@ def run_cli(*args, cwd=None, timeout=300, env=None):
                           text=True, timeout=timeout, env=full_env)
 
 
+def cli_cases(cases: list[list[str]], cwd: Path) -> list[tuple[int, str, str]]:
+    """(exit status, stdout, stderr) of each argument list: the first through the installed `mlflow-nb` in a
+    subprocess (what a shell sees), the others through the same entry point, `main`, in this process (argparse, the
+    config loader, the command and the error handler: everything but a fresh interpreter's 2 s of imports)."""
+    first = run_cli(*cases[0], cwd=cwd)
+    results, here = [(first.returncode, first.stdout, first.stderr)], os.getcwd()
+    os.chdir(cwd)
+    try: results += [cli(*args) for args in cases[1:]]
+    finally: os.chdir(here)
+    return results
+
+
 @pytest.fixture(scope="session")
 def team(tmp_path_factory):
     "PostgreSQL + an `mlflow server` on loopback: {'uri', 'dir', ...}; skips the test where PostgreSQL is not installed."

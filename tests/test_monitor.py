@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, run_cli
+from conftest import CONFIGS, cli_cases, run_cli
 from mlflow_nb.core import TAG_ALERTS, TAG_KIND, TAG_STEP, TAG_UNCHECKED_METRICS
 
 EXTERNAL = re.compile(r"""(src|href)=['"]?https?:|url\(|<script|<link""")  # anything a browser would fetch or run
@@ -306,15 +306,15 @@ def test_bad_current_data_is_refused_in_one_line(champion):
     full.drop(columns="s5").to_csv(champion / "missing.csv", index=False)
     full.assign(bmi=np.where(full.index % 3 == 0, np.inf, full.bmi)).to_csv(champion / "inf.csv", index=False)
     before = len(_monitor_runs(champion))
-    for args, msg in ((["--current", "nope.csv"], "data.source: file not found"),
-                      (["--current", "serving:" + "0" * 32], "no such serving run"),
-                      (["--current", "text.csv"], "current data: column 'bmi' must hold numbers, as at training; row 7 holds 'high'"),
-                      (["--current", "missing.csv"], "current data lacks the column 's5' of the reference profile"),
-                      (["--current", "inf.csv"], "models:/diabetes_regressor/1 cannot score the current rows: ValueError: Input X contains infinity"),
-                      (["--current", "shifted.csv", "--alias", "nobody"], "model 'diabetes_regressor' has no version or alias 'nobody'")):
-        r = run_cli("monitor", *args, cwd=champion)
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert msg in r.stderr, r.stderr
+    bad = ((["--current", "nope.csv"], "data.source: file not found"),
+           (["--current", "serving:" + "0" * 32], "no such serving run"),
+           (["--current", "text.csv"], "current data: column 'bmi' must hold numbers, as at training; row 7 holds 'high'"),
+           (["--current", "missing.csv"], "current data lacks the column 's5' of the reference profile"),
+           (["--current", "inf.csv"], "models:/diabetes_regressor/1 cannot score the current rows: ValueError: Input X contains infinity"),
+           (["--current", "shifted.csv", "--alias", "nobody"], "model 'diabetes_regressor' has no version or alias 'nobody'"))
+    for (args, msg), (code, _, err) in zip(bad, cli_cases([["monitor", *args] for args, _ in bad], champion)):
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert msg in err, err
     assert len(_monitor_runs(champion)) == before  # no run started, none left RUNNING
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, ROOT, child_env, run_cli
+from conftest import CONFIGS, ROOT, child_env, cli_cases, run_cli
 from mlflow_nb.core import TAG_UNCHECKED_METRICS
 
 FAST = ["-o", "model.params.n_estimators=30", "-o", "validation.cv_folds=3"]
@@ -304,14 +304,14 @@ def test_parameters_outside_json_are_refused_before_any_run(project):
 
 
 def test_bad_pipeline_arguments_exit_2(project):
-    for args, msg in ((["run", "-p", "colour=red"], "-p colour: no step takes"),  # (more: test_bad_input.py)
-                      (["run", "-y", "[1, 2]"], "expected a mapping"),
-                      (["run", "-y", "x" * 5000], "expected a mapping"),
-                      (["run", "--notebooks", "nowhere"], "step notebooks not found"),
-                      (["reproduce", "f" * 32], "not found")):
-        r = run_cli(*args, cwd=project)
-        assert r.returncode == 2, (args, r.stderr)
-        assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    bad = ((["run", "-p", "colour=red"], "-p colour: no step takes"),
+           (["run", "-y", "[1, 2]"], "expected a mapping"),
+           (["run", "-y", "x" * 5000], "expected a mapping"),
+           (["run", "--notebooks", "nowhere"], "step notebooks not found"),
+           (["reproduce", "f" * 32], "not found"))
+    for (args, msg), (code, _, err) in zip(bad, cli_cases([args for args, _ in bad], project)):
+        assert code == 2, (args, err)
+        assert msg in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_the_readme_mlflow_project_command_as_written(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from support import team_server
-from conftest import run_cli
+from conftest import cli_cases, run_cli
 
 FEATURES = ["age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6", "region"]
 REGIONS = ["north", "south", "east", "west"]
@@ -125,18 +125,15 @@ def test_bad_predict_input_is_one_line_and_starts_no_run(project, cluster):
     rows.drop(columns="bmi").to_csv(project / "nobmi.csv", index=False)
     rows.to_csv(project / "ok.csv", index=False)
     (project / "used").mkdir(); (project / "used" / "x").write_text("")
-    from concurrent.futures import ThreadPoolExecutor
     bad = ((["--input", "nobmi.csv", "--output", "o1"], "nobmi.csv: missing column(s) bmi"),
            (["--input", "ok.csv", "--output", "o2", "--keep", "patient"], "missing column(s) patient"),
            (["--input", "ok.csv", "--output", "used"], "--output used: exists and is not an empty folder"),
            (["--input", "ok.csv", "--output", "o3", "--model", "diabetes_regressor/7"], "no version or alias '7'"),
            (["--input", "ok.csv", "--output", "o4", "--model", "diabetes_regressor"], "expected NAME@ALIAS"),
            (["--input", "none.csv", "--output", "o5"], "--input none.csv: no such file"))
-    with ThreadPoolExecutor(3) as pool:  # independent commands: run a few at once
-        results = list(pool.map(lambda a: run_cli("predict", "--model", "diabetes_regressor/1", *a[0], "--scheduler",
-                                                  cluster["address"], cwd=project), bad))
-    for (args, msg), r in zip(bad, results):
-        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    cases = [["predict", "--model", "diabetes_regressor/1", *args, "--scheduler", cluster["address"]] for args, _ in bad]
+    for (args, msg), (code, _, err) in zip(bad, cli_cases(cases, project)):
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (args, err)
     uri = f"sqlite:///{project}/mlflow.db"
     client = MlflowClient(uri, uri)
     assert client.search_runs([client.get_experiment_by_name("production").experiment_id],

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from support import dask_cluster, team_server
-from conftest import child_env, run_cli
+from conftest import child_env, cli_cases, run_cli
 
 TRIAL, KIND, PID, ERROR, BEST = "mlflow_nb.sweep_trial", "mlflow_nb.kind", "mlflow_nb.pid", "mlflow_nb.error", "mlflow_nb.sweep.best_run_id"
 needs_server = pytest.mark.skipif(not team_server.available(), reason="PostgreSQL binaries are not installed")
@@ -81,12 +81,9 @@ def test_bad_sweep_arguments_exit_2_in_one_line_and_start_nothing(project):
     (project / "list.yaml").write_text("- 1\n- 2\n")
     (project / "reversed.yaml").write_text("model.params.max_depth: {int: [16, 2]}\n")
     (project / "range.yaml").write_text("model.params.max_depth: {int: [2, 16]}\n")
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(4) as pool:  # independent commands: run a few at once
-        results = list(pool.map(lambda args: run_cli(*args, cwd=project), [args for args, _ in BAD]))
-    for (args, msg), r in zip(BAD, results):
-        assert r.returncode == 2, (args, r.stderr)
-        assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    for (args, msg), (code, _, err) in zip(BAD, cli_cases([args for args, _ in BAD], project)):
+        assert code == 2, (args, err)
+        assert msg in err and len(err.strip().splitlines()) == 1, (args, err)
     uri = f"sqlite:///{project}/mlflow.db"
     if (project / "mlflow.db").exists():
         assert _sweep_runs(MlflowClient(uri, uri), "development") == []

@@ -7,7 +7,7 @@ import pandas as pd
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
+from conftest import cli_cases, run_cli
 
 
 def _messy_csv(path, n=240, seed=0):
@@ -70,10 +70,9 @@ def test_bad_data_fails_before_any_run(project):
         (["-o", "model.type=NoSuchModel"], "override model.type=NoSuchModel: unknown model type 'NoSuchModel'"),
         (["-o", "model.params.max_depth=-4"], "override model.params.max_depth=-4: "),
     ]
-    for args, expected in cases:
-        r = run_cli("train", *args, cwd=project)
-        assert r.returncode == 2, (args, r.stderr)
-        assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for (args, expected), (code, _, err) in zip(cases, cli_cases([["train", *args] for args, _ in cases], project)):
+        assert code == 2, (args, err)
+        assert expected in err and len(err.strip().splitlines()) == 1, err
     db = project / "mlflow.db"
     if db.exists():
         client = MlflowClient(f"sqlite:///{db}", f"sqlite:///{db}")
