@@ -5,7 +5,7 @@ import subprocess, sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, cli, run_cli
+from conftest import ROOT, cli
 
 
 BAD_ARGS = [
