@@ -88,11 +88,14 @@ class CategoricalBlock:
     def column_codes(self, j: int, values: np.ndarray) -> np.ndarray:
         "Output column of each value of column `j` (-1: no 1 anywhere, as for an unseen category)."
         kinds = {type(v) for v in values}
-        if values.dtype != object or not kinds <= {str, type(None)}:
-            raise UnsupportedInput("a categorical column with values other than strings and None")
+        if values.dtype != object or not kinds <= {str, type(None), float} \
+           or (float in kinds and not all(v != v for v in values if type(v) is float)):
+            raise UnsupportedInput("a categorical column with values other than strings, None and NaN")
         get = self.codes[j].get
-        missing = get(self.fill[j], -1) if str in kinds else -1  # no string: pandas keeps None, not imputed
-        return np.fromiter((missing if v is None else get(v, -1) for v in values), np.intp, len(values))
+        imputed = get(self.fill[j], -1)  # NaN is always imputed; None only beside text (pandas keeps it otherwise)
+        none = imputed if str in kinds else -1
+        return np.fromiter((none if v is None else imputed if type(v) is float else get(v, -1) for v in values),
+                           np.intp, len(values))
 
     def transform(self, cols: dict[str, np.ndarray],  # request columns
                   n: int,  # rows

@@ -191,6 +191,7 @@ def column_array(name: str,  # the column, for the problem's field
         return None, _first_bad(name, values, kind, lambda v: type(v) in allowed)
     if kind in ("number", "integer"): return _numeric_array(name, values, kind, mlflow_type)
     out = np.empty(len(values), dtype=object); out[:] = values
+    if kind == "string": out[[v is None for v in values]] = np.nan  # missing text: NaN, as read from a CSV
     return out, None
 
 # %% ../nbs/09_schema.ipynb #ed9fdad2

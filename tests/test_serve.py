@@ -608,7 +608,8 @@ def _mixed_csv(path):
 
 
 def test_missing_values_in_every_column_kind_score_alike_everywhere(tmp_path_factory):
-    "Issue 11.4: pyfunc, `mlflow models serve` and `mlflow-nb serve` all score rows with a gap in any column."
+    """Issue 11.4: pyfunc, `mlflow models serve` and `mlflow-nb serve` all score rows with a gap in any column, and ours
+    gives a row the same answer alone as in a batch (scikit-learn imputes a None only beside text: ours sends NaN)."""
     project = _new_project(tmp_path_factory, "serve_missing")
     _mixed_csv(project / "data.csv")
     cfg = project / "configs" / "model_config.yaml"
@@ -629,6 +630,9 @@ def test_missing_values_in_every_column_kind_score_alike_everywhere(tmp_path_fac
         r = httpx.post(f"{ours.url}/invocations", json={"dataframe_records": rows})
         assert r.status_code == 200, r.text
         served_ours = r.json()["predictions"]
+        alone = [httpx.post(f"{ours.url}/invocations", json={"dataframe_records": [row]}).json()["predictions"][0]
+                 for row in rows]
+        assert alone == served_ours  # a row's answer never depends on the rows batched with it (all-None text too)
     finally:
         ours.stop()
     port = free_port()
