@@ -63,10 +63,7 @@ def compile_numeric(steps,  # the fitted Pipeline([SimpleImputer, StandardScaler
     "The numeric block of a fitted ColumnTransformer; `NotCompilable` naming what it does not replicate."
     from sklearn.impute import SimpleImputer
     from sklearn.preprocessing import StandardScaler
-    kinds = [type(s) for _, s in getattr(steps, "steps", [])]
-    if kinds != [SimpleImputer, StandardScaler]:
-        raise NotCompilable(f"numeric steps {[k.__name__ for k in kinds]}: only SimpleImputer + StandardScaler")
-    imputer, scaler = steps[0], steps[1]
+    imputer, scaler = _two_steps(steps, SimpleImputer, StandardScaler, "numeric")
     fill = np.asarray(imputer.statistics_)
     if imputer.add_indicator or not _is_nan(imputer.missing_values) or fill.dtype != np.float64 \
        or np.isnan(fill).any():
@@ -75,6 +72,13 @@ def compile_numeric(steps,  # the fitted Pipeline([SimpleImputer, StandardScaler
                         scaler.scale_ if scaler.with_std else None)
 
 def _is_nan(v) -> bool: return isinstance(v, float) and v != v
+
+def _two_steps(steps, first: type, second: type, what: str):
+    "The two fitted steps of a column pipeline of exactly `first` then `second`; `NotCompilable` otherwise."
+    kinds = [type(s) for _, s in getattr(steps, "steps", [])]
+    if kinds != [first, second]:
+        raise NotCompilable(f"{what} steps {[k.__name__ for k in kinds]}: only {first.__name__} + {second.__name__}")
+    return steps[0], steps[1]
 
 # %% ../nbs/09b_compiled.ipynb #8e83185c
 @dataclass
@@ -115,10 +119,7 @@ def compile_categorical(steps,  # the fitted Pipeline([SimpleImputer, OneHotEnco
     "The categorical block of a fitted ColumnTransformer; `NotCompilable` naming what it does not replicate."
     from sklearn.impute import SimpleImputer
     from sklearn.preprocessing import OneHotEncoder
-    kinds = [type(s) for _, s in getattr(steps, "steps", [])]
-    if kinds != [SimpleImputer, OneHotEncoder]:
-        raise NotCompilable(f"categorical steps {[k.__name__ for k in kinds]}: only SimpleImputer + OneHotEncoder")
-    imputer, encoder = steps[0], steps[1]
+    imputer, encoder = _two_steps(steps, SimpleImputer, OneHotEncoder, "categorical")
     fill = list(imputer.statistics_)
     if imputer.add_indicator or not _is_nan(imputer.missing_values) or not all(type(v) is str for v in fill):
         raise NotCompilable("categorical SimpleImputer: indicators, a non-NaN missing value or a non-string fill")
