@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from mlflow_nb.tracking import store_lock
 from support import dask_cluster, team_server
 from conftest import child_env, cli_cases, run_cli
 
@@ -24,6 +25,13 @@ SENT_ARTIFACTS = {"configs/mlflow_config.yaml", "configs/model_config.yaml", "co
 def _runs(client, exp_name, flt=""):
     exp = client.get_experiment_by_name(exp_name)
     return client.search_runs([exp.experiment_id], flt, max_results=5000) if exp else []
+
+
+def _running_trials(client, uri):
+    """RUNNING trial runs of a SQLite store another process may still be creating: looked at under the lock
+    mlflow-nb creates it under, so that this process never runs MLflow's migration beside it."""
+    if not Path(uri[len("sqlite:///"):]).exists(): return []
+    with store_lock(uri): return _runs(client, "development", f"attributes.status = 'RUNNING' and tags.`{TRIAL}` != ''")
 
 
 def _count(client, exp, metric_keys, artifact_paths):
@@ -164,9 +172,7 @@ def test_a_worker_killed_mid_trial_leaves_exactly_one_finished_run_per_trial(pro
     client = MlflowClient(uri, uri)
     try:
         while killed is None and time.time() < deadline and proc.poll() is None:
-            running = _runs(client, "development", f"attributes.status = 'RUNNING' and tags.`{TRIAL}` != ''") \
-                if (project / "mlflow.db").exists() else []
-            for run in running:
+            for run in _running_trials(client, uri):
                 pid = int(run.data.tags[PID].split("@")[0])
                 if pid in workers:
                     os.kill(pid, signal.SIGKILL); killed = run; break
@@ -194,8 +200,7 @@ def test_sigterm_mid_sweep_leaves_no_run_running(project):
                             stderr=subprocess.PIPE, text=True, env=child_env())
     client, deadline = MlflowClient(uri, uri), time.time() + 180
     try:
-        while time.time() < deadline and proc.poll() is None and not (
-                (project / "mlflow.db").exists() and _runs(client, "development", f"attributes.status = 'RUNNING' and tags.`{TRIAL}` != ''")):
+        while time.time() < deadline and proc.poll() is None and not _running_trials(client, uri):
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
