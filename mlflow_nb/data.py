@@ -6,6 +6,7 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/data.html.md"""
 
 # %% ../nbs/06_data.ipynb #d5f3a456
 from __future__ import annotations
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,8 +19,8 @@ from .settings import DataSpec, Training
 
 # %% auto #0
 __all__ = ['BUNDLED', 'GRID', 'OTHER', 'PROFILE_PATH', 'DataError', 'load_dataset', 'select_xy', 'Split', 'split_data',
-           'column_kinds', 'to_model_frame', 'build_preprocessor', 'build_pipeline', 'dataset_input', 'frame_digest',
-           'log_dataset_inputs', 'sorted_quantiles', 'build_profile']
+           'column_kinds', 'to_model_frame', 'build_preprocessor', 'build_pipeline', 'frame_schema', 'dataset_input',
+           'frame_digest', 'log_dataset_inputs', 'sorted_quantiles', 'build_profile']
 
 # %% ../nbs/06_data.ipynb #b7d1242e
 class DataError(MlflowNbError):
@@ -161,6 +162,23 @@ def build_pipeline(estimator,  # an unfitted estimator
     return Pipeline([("preprocess", build_preprocessor(X)), ("model", estimator)])
 
 # %% ../nbs/06_data.ipynb #09074df2
+def frame_schema(frame: pd.DataFrame,  # the data
+                ):
+    "MLflow's inferred schema of `frame`, reading numeric columns' gaps vectorised instead of value by value."
+    from mlflow.models import infer_signature
+    from mlflow.types import Schema
+    text = [c for c in frame.columns if frame[c].dtype.kind == "O"]  # typed by their values: every one is read
+    num, specs = frame.drop(columns=text), {}
+    with warnings.catch_warnings():  # MLflow's hint on integer columns is about model signatures, not data records
+        warnings.simplefilter("ignore", UserWarning)
+        if num.shape[1]:  # typed by dtype, required unless a gap: each column's first value and first gap decide
+            na = num.isna().to_numpy(dtype=bool)
+            rows = sorted({int(np.argmax(m)) for m in (*(~na).T, *na.T) if m.any()})
+            specs.update((s.name, s) for s in infer_signature(num.iloc[rows]).inputs.inputs)
+        if text: specs.update((s.name, s) for s in infer_signature(frame[text]).inputs.inputs)
+    return Schema([specs[c] for c in frame.columns])
+
+# %% ../nbs/06_data.ipynb #946c2a60
 def dataset_input(X: pd.DataFrame,  # features
                   y: pd.Series,  # target
                   source: str,  # `data.source`: a path or "sklearn:<name>"
@@ -171,7 +189,9 @@ def dataset_input(X: pd.DataFrame,  # features
     from mlflow.data.code_dataset_source import CodeDatasetSource
     frame = X.assign(**{y.name: y.values})
     src = CodeDatasetSource(tags={"bundled": source}) if source.startswith("sklearn:") else source
-    return mlflow.data.from_pandas(frame, source=src, targets=str(y.name), name=name, digest=frame_digest(frame))
+    ds = mlflow.data.from_pandas(frame, source=src, targets=str(y.name), name=name, digest=frame_digest(frame))
+    ds.__dict__["schema"] = frame_schema(frame)  # fills MLflow's cached `schema` property: not inferred value by value
+    return ds
 
 def frame_digest(frame: pd.DataFrame,  # the data
                 ) -> str:

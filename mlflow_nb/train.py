@@ -26,9 +26,9 @@ from .tracking import MetricBuffer, log_params, tracked_run
 
 # %% auto #0
 __all__ = ['TRUSTED_PACKAGES', 'REFUSED_TYPES', 'Prepared', 'prepare_data', 'regression_figures', 'classification_figures',
-           'model_figures', 'untrusted_types', 'skops_trusted_types', 'model_requirements', 'log_sklearn_model',
-           'TrainingError', 'fit_model', 'predict_with', 'log_config', 'Evaluation', 'evaluate', 'training_figures',
-           'TrainResult', 'train_model', 'cross_val_metrics']
+           'model_figures', 'untrusted_types', 'type_layout', 'skops_trusted_types', 'model_requirements',
+           'log_sklearn_model', 'TrainingError', 'fit_model', 'predict_with', 'log_config', 'Evaluation', 'evaluate',
+           'training_figures', 'TrainResult', 'train_model', 'cross_val_metrics']
 
 # %% ../nbs/07_train.ipynb #a24e4f31
 @dataclass
@@ -142,14 +142,44 @@ def untrusted_types(types: list[str],  # fully qualified type names, as skops li
     return bad
 
 # %% ../nbs/07_train.ipynb #f419460f
+_SCALARS = (str, bytes, int, float, complex, bool, type(None))
+
+def type_layout(obj,  # a fitted model, or any object graph
+               ) -> frozenset[str]:
+    "Names of the classes in `obj`'s graph, of the functions and classes it holds, and of its arrays' dtypes."
+    seen, names, stack = set(), set(), [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, _SCALARS) or id(o) in seen: continue
+        seen.add(id(o))
+        t = type(o)
+        names.add(f"{t.__module__}.{t.__qualname__}")
+        if isinstance(o, type) or inspect.isroutine(o) or isinstance(o, np.ufunc):  # a function or class as a value
+            names.add(f"value:{getattr(o, '__module__', '')}.{getattr(o, '__qualname__', getattr(o, '__name__', ''))}")
+        elif isinstance(o, np.ndarray):
+            names.add(f"dtype:{o.dtype!r}")
+            if o.dtype.hasobject: stack.extend(o.ravel().tolist())
+        elif isinstance(o, dict): stack.extend(o.keys()); stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)): stack.extend(o)
+        elif hasattr(o, "__dict__"): stack.extend(vars(o).values())
+    return frozenset(names)
+
+# %% ../nbs/07_train.ipynb #ad8237f1
+_TRUSTED_BY_LAYOUT: dict[frozenset, list[str]] = {}  # skops's list for each layout this process has logged
+
 def skops_trusted_types(model,  # a fitted model
                        ) -> list[str]:
     "The non-default types skops finds in `model`, all trusted; `MlflowNbError` naming any that is not."
     import skops.io as sio
-    found = sio.get_untrusted_types(data=sio.dumps(model))
-    bad = untrusted_types(found)
-    if bad: raise MlflowNbError(f"model contains types that are not trusted for loading: {', '.join(bad)}")
-    return found
+    key = type_layout(model)
+    found = _TRUSTED_BY_LAYOUT.get(key)
+    if found is None:
+        found = sio.get_untrusted_types(data=sio.dumps(model))
+        bad = untrusted_types(found)
+        if bad: raise MlflowNbError(f"model contains types that are not trusted for loading: {', '.join(bad)}")
+        if len(_TRUSTED_BY_LAYOUT) >= 64: _TRUSTED_BY_LAYOUT.clear()
+        _TRUSTED_BY_LAYOUT[key] = found
+    return list(found)
 
 # %% ../nbs/07_train.ipynb #ebdcca95
 def model_requirements() -> list[str]:
