@@ -15,15 +15,12 @@ import pandas as pd
 from .schema import validate_columns
 
 # %% auto #0
-__all__ = ['NotCompilable', 'UnsupportedInput', 'NumericBlock', 'compile_numeric', 'CategoricalBlock', 'compile_categorical',
+__all__ = ['UnsupportedInput', 'NumericBlock', 'compile_numeric', 'NotCompilable', 'CategoricalBlock', 'compile_categorical',
            'ColumnPlan', 'compile_columns', 'TreeEnsemble', 'compile_trees', 'LinearModel', 'compile_linear',
            'CompiledPipeline', 'compile_pipeline']
 
 # %% ../nbs/09b_compiled.ipynb #7d6a5fca
 _log = logging.getLogger("mlflow_nb.compiled")
-
-class NotCompilable(Exception):
-    "A fitted pipeline this module does not replicate exactly: the message names the step and what about it."
 
 # %% ../nbs/09b_compiled.ipynb #1f551bc7
 class UnsupportedInput(Exception):
@@ -79,6 +76,10 @@ def _two_steps(steps, first: type, second: type, what: str):
     if kinds != [first, second]:
         raise NotCompilable(f"{what} steps {[k.__name__ for k in kinds]}: only {first.__name__} + {second.__name__}")
     return steps[0], steps[1]
+
+# %% ../nbs/09b_compiled.ipynb #73e3ba06
+class NotCompilable(Exception):
+    "A fitted pipeline this module does not replicate exactly: the message names the step and what about it."
 
 # %% ../nbs/09b_compiled.ipynb #8e83185c
 @dataclass

@@ -27,7 +27,7 @@ from .guard import compile_for_serving
 # %% auto #0
 __all__ = ['BUCKETS', 'SERVE_SPEC_ENV', 'ServedModel', 'load_served_model', 'request_columns', 'predict_rows', 'score',
            'MicroBatcher', 'ServiceMetrics', 'ScoringService', 'ScoringApp', 'create_app', 'app_from_environment',
-           'run_workers', 'serve_forever']
+           'serve_forever']
 
 # %% ../nbs/10_serve.ipynb #266664dd
 _log = logging.getLogger("mlflow_nb.serve")
@@ -380,8 +380,8 @@ def app_from_environment() -> ScoringApp:
     return create_app(spec["model_name"], spec["alias"], Serve(**spec["serve"]), spec["tracking_uri"],
                       spec["experiment_id"], run_id=spec["run_id"])
 
-# %% ../nbs/10_serve.ipynb #ddc43880
-def run_workers(config) -> None:
+# %% ../nbs/10_serve.ipynb #6d67e1a8
+def _run_workers(config) -> None:
     "uvicorn's worker supervisor on a socket whose accepted connections send small answers at once (TCP_NODELAY)."
     import socket
     from uvicorn.supervisors import Multiprocess
@@ -390,7 +390,7 @@ def run_workers(config) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # Linux: accepted connections inherit it
     Multiprocess(config, sockets=[sock]).run()
 
-# %% ../nbs/10_serve.ipynb #6d67e1a8
+# %% ../nbs/10_serve.ipynb #9e7be31e
 def serve_forever(model_name: str, alias: str, serve: Serve,
                   experiment_id: str | None = None,  # where the serving run goes
                   workers: int = 1,  # processes answering on the port
@@ -410,7 +410,7 @@ def serve_forever(model_name: str, alias: str, serve: Serve,
         "model_name": model_name, "alias": alias, "serve": serve.model_dump(mode="json"),
         "experiment_id": experiment_id,
         "tracking_uri": mlflow.get_tracking_uri(), "registry_uri": mlflow.get_registry_uri(), "run_id": run_id})
-    try: run_workers(uvicorn.Config(f"{__name__}:app_from_environment", factory=True, workers=workers, **opts))
+    try: _run_workers(uvicorn.Config(f"{__name__}:app_from_environment", factory=True, workers=workers, **opts))
     finally:
         if run_id: end_serving_run(client, run_id, None)
         shutil.rmtree(metrics_dir, ignore_errors=True)
