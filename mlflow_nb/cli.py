@@ -239,7 +239,8 @@ def cmd_history(args,  # the parsed command line
     Arg("-y", "--yaml", metavar="YAML", help="notebook parameters as a YAML mapping (text or file)"),
     Arg("--notebooks", metavar="DIR", help="folder of step notebooks (default: nbs/pipeline)"),
 ])
-def cmd_run(args) -> int:
+def cmd_run(args,  # the parsed command line
+           ) -> int:
     "Run the pipeline (or some of its steps) with papermill: a line per step as it ends, then what to do next."
     from mlflow_nb.pipeline import STEPS, parse_parameters, read_yaml_argument, run_pipeline
     params = parse_parameters(args.param, read_yaml_argument(args.yaml))
@@ -271,7 +272,8 @@ def cmd_run(args) -> int:
     Arg("--top", type=int, default=10, help="rows of the summary table"),
     Arg("--quiet", action="store_true", help="no progress bar"),
 ], exclusive=("space", "grid_file"))
-def cmd_sweep(args) -> int:
+def cmd_sweep(args,  # the parsed command line
+             ) -> int:
     "Search a space of configs on Dask; print the trials, best first."
     from mlflow_nb.sweep import run_sweep, search_space
     flag, path = ("--space", args.space) if args.space else ("--grid-file", args.grid_file)
@@ -297,7 +299,8 @@ def cmd_sweep(args) -> int:
     Arg("--blocksize", type=int, default=32, metavar="MB", help="CSV megabytes per partition (default 32)"),
     Arg("--quiet", action="store_true", help="no progress bar"),
 ])
-def cmd_predict(args) -> int:
+def cmd_predict(args,  # the parsed command line
+               ) -> int:
     "Score a large input with a registered model; print the counts."
     from mlflow_nb.predict import predict_files
     if args.blocksize < 1: raise MlflowNbError(f"--blocksize: must be at least 1 MB, got {args.blocksize}")
@@ -342,7 +345,8 @@ def cmd_reproduce(args,  # the parsed command line
     Arg("--port", type=int, help="port (default serve.port: 8080)"),
     Arg("--workers", type=int, help="processes answering on the port (default serve.workers: 1)"),
 ])
-def cmd_serve(args) -> int:
+def cmd_serve(args,  # the parsed command line
+             ) -> int:
     "Serve models:/name@alias over HTTP."
     import mlflow
     from mlflow_nb.registry import check_trust, resolve_version
@@ -372,7 +376,8 @@ def cmd_serve(args) -> int:
     Arg("--alias", help="the alias to check (default: promotion.alias)"),
     Arg("--out", metavar="DIR", help="folder for report.html (default: a temporary folder)"),
 ])
-def cmd_monitor(args) -> int:
+def cmd_monitor(args,  # the parsed command line
+               ) -> int:
     "Check current data against the champion's reference: drift, performance, alerts, report."
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small download is noise here
     from mlflow_nb.monitor import load_current, run_check

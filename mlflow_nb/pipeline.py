@@ -219,6 +219,7 @@ def open_store(config: Config,  # the loaded config
         log.warning("marked run %s FAILED: the process that ran it is gone", rid)
     return tr, client
 
+# %% ../nbs/15_pipeline.ipynb #01d11750
 def start_parent(plan: PipelinePlan,  # the checked request
                 ) -> None:
     "Params, environment and config of the pipeline run (the active run)."
@@ -324,8 +325,8 @@ def pipeline_result(plan: PipelinePlan,  # the request that ran
                     step_runs: dict[str, str], seconds: dict[str, float],  # as `run_steps` returns them
                    ) -> PipelineResult:
     "The pipeline's result: its runs, what the steps recorded, the champion and the report, read back from the store."
-    results = {k: v for k, v in client.get_run(run_id).data.tags.items()
-               if k.startswith("mlflow_nb.") and k.count(".") == 2}
+    steps = tuple(step_tag(s, "") for s in plan.steps)  # mlflow_nb.<step>.: what the steps handed on, no other tags
+    results = {k: v for k, v in client.get_run(run_id).data.tags.items() if k.startswith(steps) and k.count(".") == 2}
     mc = plan.config.model
     try: champ = holder(mc.estimator.name, mc.promotion.alias, client)
     except MlflowException: champ = None

@@ -23,7 +23,7 @@ from .tracking import setup_tracking
 from .train import train_model
 
 # %% auto #0
-__all__ = ['stored_config', 'Reproduction', 'compare_metrics', 'reproduce']
+__all__ = ['stored_config', 'compare_metrics', 'Reproduction', 'reproduce']
 
 # %% ../nbs/18_reproduce.ipynb #5fbf48b0
 def _data_source(source: str, run_id: str, data: str | None) -> str:
@@ -56,6 +56,18 @@ def stored_config(client: MlflowClient,  # a client of the store holding the run
     raw["model"]["data"]["source"] = _data_source(cfg.model.data.source, run_id, data)
     return config_from_dict(raw, Path.cwd(), label, import_modules=False)
 
+# %% ../nbs/18_reproduce.ipynb #a4d5722f
+def compare_metrics(client: MlflowClient,  # a client of the store holding both runs
+                    pairs: list[tuple[str, str, str]],  # (step, original run, reproduced run)
+                   ) -> pd.DataFrame:
+    "One row per metric of each original run: its value then and now, and whether they are identical."
+    rows = []
+    for s, a, b in pairs:
+        ma, mb = client.get_run(a).data.metrics, client.get_run(b).data.metrics
+        rows += [{"step": s, "metric": m, "original": ma[m], "reproduced": mb.get(m), "identical": ma[m] == mb.get(m)}
+                 for m in sorted(ma) if not m.startswith("step_seconds")]
+    return pd.DataFrame(rows, columns=["step", "metric", "original", "reproduced", "identical"])
+
 # %% ../nbs/18_reproduce.ipynb #24e4d6b1
 @dataclass
 class Reproduction:
@@ -69,18 +81,6 @@ class Reproduction:
     def identical(self) -> bool:
         "Whether every metric was reproduced exactly."
         return bool(len(self.comparison)) and bool(self.comparison.identical.all())
-
-# %% ../nbs/18_reproduce.ipynb #a4d5722f
-def compare_metrics(client: MlflowClient,  # a client of the store holding both runs
-                    pairs: list[tuple[str, str, str]],  # (step, original run, reproduced run)
-                   ) -> pd.DataFrame:
-    "One row per metric of each original run: its value then and now, and whether they are identical."
-    rows = []
-    for s, a, b in pairs:
-        ma, mb = client.get_run(a).data.metrics, client.get_run(b).data.metrics
-        rows += [{"step": s, "metric": m, "original": ma[m], "reproduced": mb.get(m), "identical": ma[m] == mb.get(m)}
-                 for m in sorted(ma) if not m.startswith("step_seconds")]
-    return pd.DataFrame(rows, columns=["step", "metric", "original", "reproduced", "identical"])
 
 # %% ../nbs/18_reproduce.ipynb #65611f8a
 def _train_digest(client, run_id) -> str | None:
