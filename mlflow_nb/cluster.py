@@ -31,7 +31,7 @@ def dask_client(scheduler: str | None = None,  # tcp://host:8786 of an existing 
         if address is None:
             n, threads = (workers, 1) if processes else (1, workers)  # processes of one thread, or threads of one
             cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=processes, silence_logs=40,
-                                   dashboard_address=":0" if announce else None)  # a dashboard only when shown
+                                   dashboard_address=":0" if announce else "127.0.0.1:0")  # a free port: no clash
         client = Client(cluster or address, timeout=timeout, set_as_default=False)
     except (OSError, TimeoutError) as e:
         if cluster is not None: cluster.close()
