@@ -22,7 +22,7 @@ from .tracking import log_params, tracked_run, use_store
 # %% auto #0
 __all__ = ['FILE_KINDS', 'NUMERIC', 'Part', 'input_files', 'csv_parts', 'parquet_parts', 'plan_input', 'csv_rows', 'count_rows',
            'first_rows', 'read_part', 'validate_rows', 'ModelRef', 'worker_model', 'predict_isolating', 'ScoreTask',
-           'score_part', 'model_ref', 'model_columns', 'check_columns', 'PredictResult', 'submit_parts',
+           'score_part', 'model_ref', 'model_columns', 'check_columns', 'submit_parts', 'PredictResult',
            'predict_files']
 
 # %% ../nbs/17_predict.ipynb #e78b94fe
@@ -37,6 +37,7 @@ class Part:
     header: bytes = b""  # a CSV file's header line
     rows: int | None = None  # rows in the part: a Parquet part's from its metadata; a CSV part's are counted
 
+# %% ../nbs/17_predict.ipynb #b5d17acc
 FILE_KINDS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 def input_files(source: str | Path,  # a CSV/Parquet file, or a folder of them
@@ -200,6 +201,7 @@ class ModelRef:
     tracking_uri: str
     registry_uri: str
 
+# %% ../nbs/17_predict.ipynb #2c25dccb
 def worker_model(ref: ModelRef,  # the pinned version and its store
                 ) -> tuple[object, str]:
     "(model, load id): the model of `ref`, loaded once per Dask worker (or process) after the trust check."
@@ -228,7 +230,7 @@ def predict_isolating(model,  # a fitted model
     same = p1.dtype == p2.dtype
     return np.concatenate([p1, p2] if same else [p1.astype(object), p2.astype(object)]), np.concatenate([w1, w2])
 
-# %% ../nbs/17_predict.ipynb #d9771235
+# %% ../nbs/17_predict.ipynb #0fb34799
 @dataclass
 class ScoreTask:
     "One part to score: plain data, so it travels to any worker."
@@ -238,6 +240,7 @@ class ScoreTask:
     keep: list[str]  # key columns to carry (empty: a row_id instead)
     output: str  # the output folder
 
+# %% ../nbs/17_predict.ipynb #d9771235
 def _write(table, folder: Path, index: int) -> None:
     "Write a part's Arrow table atomically (a retried task overwrites, never appends)."
     import pyarrow.parquet as pq
@@ -295,6 +298,7 @@ def model_ref(ref: str,  # NAME@ALIAS or NAME/VERSION
     mv = resolve_version(name, what)
     return name, str(mv.version), None if "/" in ref else what
 
+# %% ../nbs/17_predict.ipynb #46b9b2a0
 def model_columns(uri: str,  # models:/name/version
                  ) -> list[dict]:
     "The input columns of the model at `uri` ({'name', 'type', 'required'}), after the trust check."
@@ -304,6 +308,7 @@ def model_columns(uri: str,  # models:/name/version
         raise MlflowNbError(f"{uri}: the model has no column signature to validate rows against")
     return json.loads(meta.signature.to_dict()["inputs"])
 
+# %% ../nbs/17_predict.ipynb #1ee025be
 def check_columns(parts: list[Part],  # the planned input
                   columns: list[dict],  # the model's input columns
                   keep: list[str],  # the key columns asked for
@@ -318,7 +323,19 @@ def check_columns(parts: list[Part],  # the planned input
         missing = [c for c in need if c not in have]
         if missing: raise MlflowNbError(f"--input {p.path}: missing column(s) {', '.join(missing)}")
 
-# %% ../nbs/17_predict.ipynb #d5dcb452
+# %% ../nbs/17_predict.ipynb #16860348
+def submit_parts(dask,  # a Dask client
+                 tasks: list[ScoreTask],  # one per part, in input order
+                ) -> list:
+    "A scoring future per part; without keys, after small tasks that count the CSV parts' rows (no driver barrier)."
+    starts, tag = None, uuid.uuid4().hex
+    if not tasks[0].keep:  # rows are numbered input-wide: each part needs the counts of the parts before it
+        counts = [t.part.rows if t.part.rows is not None else
+                  dask.submit(count_rows, t.part, key=f"count-{t.part.index}-{tag}") for t in tasks]
+        starts = dask.submit(first_rows, counts, key=f"first-rows-{tag}")
+    return [dask.submit(score_part, t, starts, key=f"score-{t.part.index}-{tag}") for t in tasks]
+
+# %% ../nbs/17_predict.ipynb #a1d4ad75
 @dataclass
 class PredictResult:
     "What a batch-scoring job did."
@@ -332,6 +349,7 @@ class PredictResult:
     seconds: float
     output: str
 
+# %% ../nbs/17_predict.ipynb #85b89b16
 def _prepare_output(output: str | Path) -> Path:
     out = Path(output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -339,18 +357,6 @@ def _prepare_output(output: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     return out.resolve()
 
-def submit_parts(dask,  # a Dask client
-                 tasks: list[ScoreTask],  # one per part, in input order
-                ) -> list:
-    "A scoring future per part; without keys, after small tasks that count the CSV parts' rows (no driver barrier)."
-    starts, tag = None, uuid.uuid4().hex
-    if not tasks[0].keep:  # rows are numbered input-wide: each part needs the counts of the parts before it
-        counts = [t.part.rows if t.part.rows is not None else
-                  dask.submit(count_rows, t.part, key=f"count-{t.part.index}-{tag}") for t in tasks]
-        starts = dask.submit(first_rows, counts, key=f"first-rows-{tag}")
-    return [dask.submit(score_part, t, starts, key=f"score-{t.part.index}-{tag}") for t in tasks]
-
-# %% ../nbs/17_predict.ipynb #46b9b2a0
 def _score(dask, tasks: list[ScoreTask], progress: bool) -> list[dict]:
     "Score every part on the cluster, with a progress bar; their results in part order."
     import pyarrow as pa

@@ -159,6 +159,7 @@ class TrialSpec:
     params: dict = field(default_factory=dict)  # this trial's values, by config key
     metric: str = "rmse"  # the objective
 
+# %% ../nbs/16_sweep.ipynb #c82ecfc0
 def trial_runs(client: MlflowClient,  # a client of the sweep's store
                spec: TrialSpec,  # the trial
               ) -> list:
@@ -166,6 +167,7 @@ def trial_runs(client: MlflowClient,  # a client of the sweep's store
     flt = f"tags.`{PARENT_RUN}` = '{spec.sweep_run_id}' and tags.`{TAG_SWEEP_TRIAL}` = '{spec.number}'"
     return client.search_runs([spec.experiment_id], flt, max_results=100)
 
+# %% ../nbs/16_sweep.ipynb #87d242c4
 def settle_attempts(client: MlflowClient,  # a client of the sweep's store
                     spec: TrialSpec,
                    ) -> dict | None:
@@ -232,10 +234,7 @@ class SweepPlan:
     metric: str
     direction: str  # "maximize" or "minimize"
 
-def _objective(out: dict, metric: str) -> float | None:
-    v = out.get(metric) if out.get("status") == "FINISHED" else None
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
-
+# %% ../nbs/16_sweep.ipynb #8e2c0c3e
 def store_answers(client: MlflowClient,  # a client of the sweep's store
                   experiment_id: str,  # an experiment that exists there
                  ) -> bool:
@@ -244,6 +243,11 @@ def store_answers(client: MlflowClient,  # a client of the sweep's store
     try: client.get_experiment(experiment_id); return True
     except (mlflow.exceptions.MlflowException, requests.exceptions.RequestException, OSError): return False
 
+# %% ../nbs/16_sweep.ipynb #79d444cd
+def _objective(out: dict, metric: str) -> float | None:
+    v = out.get(metric) if out.get("status") == "FINISHED" else None
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
 def _submit(dask, study, plan: SweepPlan, sweep, tr) -> tuple:
     "Ask the study for one trial and submit it; (future, optuna trial)."
     trial = study.ask(plan.space); params = dict(trial.params)
@@ -251,7 +255,15 @@ def _submit(dask, study, plan: SweepPlan, sweep, tr) -> tuple:
                      sweep.info.run_id, tr.default_experiment_id, trial.number, params, plan.metric)
     return dask.submit(run_trial, spec, key=f"trial-{sweep.info.run_id}-{trial.number}", pure=False), trial
 
-# %% ../nbs/16_sweep.ipynb #269589de
+def _stop(dask, flight: dict, study, rows: list, plan: SweepPlan, error: str):
+    "Cancel what is in flight and raise the one-line store-down error."
+    from optuna.trial import TrialState
+    dask.cancel(list(flight))
+    for trial in flight.values(): study.tell(trial, state=TrialState.FAIL)
+    raise MlflowNbError(f"tracking store unreachable during the sweep ({error}); {plan.trials - len(rows)} trials "
+                        f"not finished, {sum(r['status'] == 'FINISHED' for r in rows)} finished")
+
+# %% ../nbs/16_sweep.ipynb #c7d17482
 def run_search(dask,  # a Dask client
                study,  # the Optuna study to ask and tell
                plan: SweepPlan,
@@ -284,14 +296,6 @@ def run_search(dask,  # a Dask client
                 _stop(dask, flight, study, rows, plan, out["error"])
             if asked < plan.trials: submit(); asked += 1
     return rows
-
-def _stop(dask, flight: dict, study, rows: list, plan: SweepPlan, error: str):
-    "Cancel what is in flight and raise the one-line store-down error."
-    from optuna.trial import TrialState
-    dask.cancel(list(flight))
-    for trial in flight.values(): study.tell(trial, state=TrialState.FAIL)
-    raise MlflowNbError(f"tracking store unreachable during the sweep ({error}); {plan.trials - len(rows)} trials "
-                        f"not finished, {sum(r['status'] == 'FINISHED' for r in rows)} finished")
 
 # %% ../nbs/16_sweep.ipynb #7490312b
 def _plots(study) -> dict:
