@@ -54,8 +54,8 @@ def test_every_mlflow_nb_command_in_the_readme_parses(words):
 
 
 def test_files_the_readme_names_exist():
-    named = set(re.findall(r"`((?:nbs|tests|configs|benchmarks|\.ci)/[\w./-]+)`", README))
-    named |= {w for b in _sh_blocks(README) for c in _commands(b) for w in c if re.match(r"^(nbs|tests|configs)/\S+\.\w+$", w)}
+    named = set(re.findall(r"`((?:nbs|tests|configs|benchmarks|examples|\.ci)/[\w./-]+)`", README))
+    named |= {w for b in _sh_blocks(README) for c in _commands(b) for w in c if re.match(r"^(nbs|tests|configs|examples)/\S+$", w)}
     missing = sorted(p for p in named if not (ROOT / p).exists())
     assert named and not missing, f"the README names files that do not exist: {missing}"
 
