@@ -78,7 +78,12 @@ class Session:
     def __init__(self, clone: Path, work: Path, env: dict):
         self.clone, self.work, self.env, self.cwd = clone, work, env, clone
         self.servers: list[dict] = []  # {'command', 'proc', 'port', 'log'}
+        self.started = 0  # servers started so far (each logs to its own file)
         self.transcript: list[str] = []
+
+    def note(self, line: str) -> None:
+        "A line of the transcript (seconds and command), printed as it happens (shown with -s, and on failure)."
+        self.transcript.append(line); print(line, flush=True)
 
     def run(self, command: str, timeout: float = 900, retry_for: float = 0) -> subprocess.CompletedProcess:
         "`once` until it passes, for at most `retry_for` seconds (at least once)."
@@ -98,7 +103,7 @@ class Session:
                                timeout=timeout, start_new_session=True)
         except subprocess.TimeoutExpired as e:
             pytest.fail(f"README command ran over {timeout:.0f} s: {command}\n{(e.stderr or b'')[-3000:]}")
-        self.transcript.append(f"{time.monotonic() - start:6.1f} s  {command}")
+        self.note(f"{time.monotonic() - start:6.1f} s  {command}" + ("" if p.returncode == 0 else "  (failed)"))
         if p.returncode != 0 and not last: return p
         if p.returncode != 0:
             pytest.fail(f"README command failed (exit {p.returncode}): {command}\n--- stdout\n{p.stdout[-3000:]}"
@@ -114,7 +119,7 @@ class Session:
         if port is not None:
             for s in [s for s in self.servers if s["port"] == port]: self.stop(s)  # Ctrl-C in that terminal first
             assert _port_free(port), f"port {port} is taken by something this test did not start: {command}"
-        log = self.work / f"server-{len(self.servers)}.log"
+        log = self.work / f"server-{self.started}.log"; self.started += 1
         proc = subprocess.Popen(["bash", "-c", without_comment(command).rstrip("& ")], cwd=self.cwd, env=self.env,
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         server = {"command": command, "proc": proc, "port": port, "log": log}
@@ -131,7 +136,7 @@ class Session:
         else:
             pytest.fail(f"README server did not answer in {READY_SECONDS} s: {command}\n{last}\n"
                         f"{log.read_text()[-3000:]}", pytrace=False)
-        self.transcript.append(f"{time.monotonic() - start:6.1f} s  {command}   (answering)")
+        self.note(f"{time.monotonic() - start:6.1f} s  {command}   (answering)")
 
     def _answers(self, probe: str, port: int | None, command: str, log: Path) -> bool:
         if probe.startswith("http"):
@@ -266,7 +271,6 @@ def test_every_readme_command_runs_as_written_on_a_fresh_clone(clone, tmp_path):
     finally:
         session.stop_all()
         if team_ok: _team_recipe_cleanup(created)
-        print("\n".join(session.transcript))
 
     allowed = written_places(readme)
     status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=clone,
