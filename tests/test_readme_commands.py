@@ -8,8 +8,14 @@ their port, as a user presses Ctrl-C in that terminal first). Afterwards the clo
 the commands write, and the source tree it was cloned from is as it was.
 
 Expensive (a venv install, every server, the sweeps): marked `readme`, deselected by default, run by .ci/run as a
-step of its own. What cannot run literally is in SUBSTITUTIONS and NOT_RUN below, each with its reason."""
-import json, os, re, shutil, signal, socket, subprocess, sys, time, urllib.request
+step of its own. What cannot run literally is in SUBSTITUTIONS and NOT_RUN below, each with its reason; RETRIED
+names the one command that is run again until it passes. The shell's environment is a new user's (no store variables,
+no PYTHONPATH: the README's install line makes the venv every later command uses) plus three settings that change no
+command: JUPYTER_CONFIG_DIR (JupyterLab may run as root, as CI does, and opens no browser), JUPYTER_RUNTIME_DIR (its
+connection files stay out of the user's home) and, where CI names the CPU wheels' index in TORCH_INDEX_URL, that
+index as PIP_EXTRA_INDEX_URL. Where PostgreSQL's initdb is missing, the commands that need the team's PostgreSQL
+are skipped, every other one runs, and the test reports the skip."""
+import json, os, re, shutil, signal, socket, subprocess, time, urllib.request
 from pathlib import Path
 
 import pytest
