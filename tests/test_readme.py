@@ -1,6 +1,6 @@
 """The README is how users reach the project: every command it shows must still parse, every file it names must
-exist, and its install and test commands must be the ones CI runs. (The MLflow-project command is run for real in
-test_pipeline.py; the serving, sweep and predict commands are run through the CLI in their own test files.)"""
+exist, and its install and test commands must be the ones CI runs. Every command is run as written, on a fresh clone,
+by test_readme_commands.py (marked `readme`: .ci/run runs it after the suite)."""
 import re, shlex
 
 import pytest
@@ -54,8 +54,8 @@ def test_every_mlflow_nb_command_in_the_readme_parses(words):
 
 
 def test_files_the_readme_names_exist():
-    named = set(re.findall(r"`((?:nbs|tests|configs|benchmarks|\.ci)/[\w./-]+)`", README))
-    named |= {w for b in _sh_blocks(README) for c in _commands(b) for w in c if re.match(r"^(nbs|tests|configs)/\S+\.\w+$", w)}
+    named = set(re.findall(r"`((?:nbs|tests|configs|benchmarks|examples|\.ci)/[\w./-]+)`", README))
+    named |= {w for b in _sh_blocks(README) for c in _commands(b) for w in c if re.match(r"^(nbs|tests|configs|examples)/\S+$", w)}
     missing = sorted(p for p in named if not (ROOT / p).exists())
     assert named and not missing, f"the README names files that do not exist: {missing}"
 
@@ -75,7 +75,10 @@ def test_install_and_test_commands_are_what_ci_runs():
         assert any(all(p in shlex.split(ci) for p in pkgs) for ci in ci_installs), (cmd, ci_installs)
     assert len(installs) == len(ci_installs) == 2, (installs, ci_installs)  # torch first, then the project
     test_cmd = next(b.strip() for b in _sh_blocks(README) if "pytest" in b)
-    assert CI.rstrip().splitlines()[-1].strip() == test_cmd, (test_cmd, CI.rstrip().splitlines()[-1])
+    lines = [l.strip() for l in CI.splitlines()]
+    ran = lines[next(i for i, l in enumerate(lines) if l.startswith('echo "== tests')) + 1]
+    assert ran == f"{test_cmd} || exit", (test_cmd, ran)  # as written; a failure on either side stops CI
+    assert lines[-1] == "pytest -m readme -n 0 tests/test_readme_commands.py", lines[-1]  # then the README's commands
 
 
 def test_the_docs_home_page_is_the_readme():
