@@ -189,7 +189,9 @@ def dataset_input(X: pd.DataFrame,  # features
     from mlflow.data.code_dataset_source import CodeDatasetSource
     frame = X.assign(**{y.name: y.values})
     src = CodeDatasetSource(tags={"bundled": source}) if source.startswith("sklearn:") else source
-    ds = mlflow.data.from_pandas(frame, source=src, targets=str(y.name), name=name, digest=frame_digest(frame))
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice, and says so for every path
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        ds = mlflow.data.from_pandas(frame, source=src, targets=str(y.name), name=name, digest=frame_digest(frame))
     ds.__dict__["schema"] = frame_schema(frame)  # fills MLflow's cached `schema` property: not inferred value by value
     return ds
 
