@@ -90,7 +90,9 @@ class CategoricalBlock:
     codes: list[dict]  # per column: category -> its output column within the block
     width: int  # output columns: every column's categories
 
-    def column_codes(self, j: int, values: np.ndarray) -> np.ndarray:
+    def column_codes(self, j: int,  # the column's position in `columns`
+                     values: np.ndarray,  # that column of the request
+                    ) -> np.ndarray:
         "Output column of each value of column `j` (-1: no 1 anywhere, as for an unseen category)."
         kinds = {type(v) for v in values}
         if values.dtype != object or not kinds <= {str, type(None), float} \
@@ -146,7 +148,8 @@ class ColumnPlan:
     @property
     def columns(self) -> list[str]: return [c for b in self.blocks for c in b.columns]
 
-    def offset(self, block) -> int:
+    def offset(self, block,  # one of `blocks`
+              ) -> int:
         "The first output column of `block`."
         return sum(b.width for b in self.blocks[:self.blocks.index(block)])
 
@@ -211,19 +214,22 @@ class TreeEnsemble:
             out[s * n:s * n + m] = node
         return out.reshape(trees, n)
 
-    def mean_value(self, X: np.ndarray) -> np.ndarray:
+    def mean_value(self, X: np.ndarray,  # (rows, features) float64, laid out as scikit-learn's
+                  ) -> np.ndarray:
         "The trees' values averaged as scikit-learn does: regression values, or class fractions."
         values = self.value.take(self.leaves(X), axis=0)
         if not self.average: return values[0]
         values[0] += 0.0  # scikit-learn adds the first tree onto zeros: -0.0 becomes 0.0
         return np.cumsum(values, axis=0)[-1] / len(values)
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
+    def predict(self, X: np.ndarray,  # (rows, features) float64, laid out as scikit-learn's
+               ) -> np.ndarray:
         "What the estimator's `predict` returns for the feature matrix `X`."
         out = self.mean_value(X)
         return out if self.classes is None else self.classes.take(np.argmax(out, axis=1), axis=0)
 
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+    def predict_proba(self, X: np.ndarray,  # (rows, features) float64, laid out as scikit-learn's
+                     ) -> np.ndarray:
         "What a classifier's `predict_proba` returns for `X`."
         if self.classes is None: raise AttributeError("a regressor has no predict_proba")
         return self.mean_value(X)

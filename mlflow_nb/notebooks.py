@@ -180,7 +180,8 @@ class KernelPool:
         try: run_sync(km.shutdown_kernel)(now=True)
         except Exception as e: log.debug("kernel shutdown: %s", error_line(e))
 
-    def release(self, km) -> None:
+    def release(self, km,  # a kernel manager `take` handed out (None: nothing to do)
+               ) -> None:
         "Done with a kernel: close the clients papermill made for it and ask it to exit (`close` reaps it)."
         if km is None: return
         from jupyter_core.utils import run_sync

@@ -122,7 +122,9 @@ class EnvRun:
     run_id: str | None  # the run to adopt (None: start a new one)
     foreign: str | None = None  # an MLFLOW_RUN_ID run of another experiment, to point at the run we start
 
-    def link(self, client: MlflowClient, run_id: str) -> None:
+    def link(self, client: MlflowClient,  # a client of the pipeline's store
+             run_id: str,  # the run this process started
+            ) -> None:
         "Tag the foreign run with the run this process started instead."
         if self.foreign: client.set_tag(self.foreign, TAG_STARTED_RUN, run_id)
 
@@ -148,9 +150,16 @@ class PipelinePlan:
     parameters: dict  # the user's notebook parameters
     overrides: list[str]  # config overrides, applied in every step
 
-    def notebook(self, step: str) -> Path: return self.notebooks / f"{step}.ipynb"
+    def notebook(self, step: str,  # a step's name
+                ) -> Path:
+        "The step's notebook."
+        return self.notebooks / f"{step}.ipynb"
 
-    def parameters_for(self, step: str, shown: dict, parent_run_id: str, run_id: str) -> dict:
+    def parameters_for(self, step: str,  # a step's name
+                       shown: dict,  # the runner's parameters as the notebooks show them (redacted)
+                       parent_run_id: str,  # the pipeline run
+                       run_id: str,  # the step's own run
+                      ) -> dict:
         "What papermill injects into `step`'s notebook: the runner's parameters, then the user's it declares."
         mine = {k: v for k, v in self.parameters.items() if k in self.declared[step]}
         return {**shown, "parent_run_id": parent_run_id, "run_id": run_id, **mine}

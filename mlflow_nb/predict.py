@@ -73,7 +73,7 @@ def csv_parts(path: Path,  # a CSV file with a header line
 
 def parquet_parts(path: Path,  # a Parquet file
                   rows_per_part: int,  # about this many rows per part (whole row groups)
-                  first_index: int = 0,
+                  first_index: int = 0,  # the number of its first part
                  ) -> list[Part]:
     "Ranges of whole row groups of a Parquet file, with their row counts (from the file's metadata)."
     import pyarrow.parquet as pq

@@ -126,7 +126,8 @@ class PredictionLog:
             except Exception as e:  # a bug must not end the thread: count it, keep going
                 self._count("errors", error=e); log.exception("prediction log window failed")
 
-    def flush(self, batches: list) -> None:
+    def flush(self, batches: list,  # `LoggedBatch`es to write now
+             ) -> None:
         "Write `batches` and whatever earlier windows are still waiting; each failure is counted and kept for a retry."
         with self._cond: batches, self._held = self._held + batches, []
         for group in _schema_groups(batches): self._spool_window(group)
@@ -176,14 +177,20 @@ class PredictionLog:
         return None
 
 # %% ../nbs/09a_prediction_log.ipynb #edb386d1
-def serving_run(client: MlflowClient, experiment_id: str | None, model_name: str, alias: str, version: str) -> str:
+def serving_run(client: MlflowClient,  # a client of the store
+                experiment_id: str | None,  # where the run goes (None: the Default experiment)
+                model_name: str,  # the registered model served
+                alias: str,  # the alias it was loaded by
+                version: str,  # the version the alias held
+               ) -> str:
     "Create the run the service logs its predictions to; its id."
     run = client.create_run(experiment_id or "0", run_name=f"serve {model_name}@{alias}",
                             tags={TAG_KIND: "serve", TAG_MODEL: model_name, TAG_ALIAS: alias,
                                   TAG_MODEL_VERSION: version, **process_tags()})
     return run.info.run_id
 
-def end_serving_run(client: MlflowClient, run_id: str,
+def end_serving_run(client: MlflowClient,  # a client of the store
+                    run_id: str,  # the serving run
                     reason: str | None,  # why some predictions were not logged, or None
                     owner: bool = True,  # this process created the run (else only a failure is recorded)
                    ) -> None:

@@ -245,7 +245,11 @@ async def read_body(headers: dict,  # the request's headers (lower-case byte nam
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 # %% ../nbs/09_schema.ipynb #f06db7bc
-async def respond(send, status: int, body: bytes, close: bool = False) -> None:
+async def respond(send,  # the ASGI `send` callable
+                  status: int,  # the HTTP status
+                  body: bytes,  # the JSON body
+                  close: bool = False,  # ask the client to close the connection (the body was not read whole)
+                 ) -> None:
     "Send a JSON answer (and ask the client to close the connection when the request was not read whole)."
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if close: headers.append((b"connection", b"close"))

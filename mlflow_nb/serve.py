@@ -23,11 +23,11 @@ from .schema import (RequestError, error_body, failure, parse_json_body, predict
                               validate_columns)
 from .prediction_log import PredictionLog, end_serving_run, serving_run
 from .guard import compile_for_serving
+from .service_metrics import ServiceMetrics
 
 # %% auto #0
-__all__ = ['BUCKETS', 'SERVE_SPEC_ENV', 'ServedModel', 'load_served_model', 'request_columns', 'predict_rows', 'score',
-           'MicroBatcher', 'ServiceMetrics', 'ScoringService', 'ScoringApp', 'create_app', 'app_from_environment',
-           'serve_forever']
+__all__ = ['SERVE_SPEC_ENV', 'ServedModel', 'load_served_model', 'request_columns', 'predict_rows', 'score', 'MicroBatcher',
+           'ScoringService', 'ScoringApp', 'create_app', 'app_from_environment', 'serve_forever']
 
 # %% ../nbs/10_serve.ipynb #266664dd
 _log = logging.getLogger("mlflow_nb.serve")
@@ -57,7 +57,7 @@ class ServedModel:
 # %% ../nbs/10_serve.ipynb #9d11665d
 def load_served_model(name: str,  # registered model
                       alias_or_version: str = "champion",  # an alias, or a version number
-                      client: MlflowClient | None = None,
+                      client: MlflowClient | None = None,  # a client of the registry (default: MLflow's own)
                       allow_flavors: tuple[str, ...] = (),  # flavors to load although loading them runs their code
                      ) -> ServedModel:
     "Resolve and load `models:/name@alias` (or a version number) for serving, after the trust check."
@@ -192,50 +192,6 @@ class MicroBatcher:
                 if isinstance(res, BaseException): fut.set_exception(res)
                 else: fut.set_result(res)
 
-# %% ../nbs/10_serve.ipynb #0aab586a
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
-class ServiceMetrics:
-    "The service's Prometheus metrics, in a registry of its own (one per app)."
-    def __init__(self, max_batch_rows: int = 1024):  # the batch-size histogram's last bucket
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-        self.registry = r = CollectorRegistry()
-        def counter(name, doc, *labels): return Counter(f"mlflow_nb_{name}", doc, labels, registry=r)
-        self.requests = counter("requests", "HTTP requests by path and status", "path", "status")
-        self.latency = Histogram("mlflow_nb_request_seconds", "Prediction request latency", buckets=BUCKETS, registry=r)
-        self.rows = counter("rows_predicted", "Rows answered with predictions")
-        self.batches = counter("batches", "Predict calls")
-        sizes = sorted({*(2 ** i for i in range(max_batch_rows.bit_length())), max_batch_rows})
-        self.batch_rows = Histogram("mlflow_nb_batch_rows", "Rows per predict call", buckets=sizes, registry=r)
-        self.nonfinite = counter("nonfinite_predictions", "NaN or infinite predictions, answered as null")
-        self.dropped = counter("prediction_log_dropped", "Requests dropped from the prediction log")
-        self.errors = counter("prediction_log_errors", "Failed prediction log writes (kept, retried)")
-        self.written_rows = counter("prediction_log_rows_written", "Rows written to the serving run")
-        self.model_version = Gauge("mlflow_nb_model_version", "The model version served", ["name"], registry=r,
-                                   multiprocess_mode="max")
-        self._children: dict = {}
-
-    def observe(self, path: str, status: int, seconds: float, rows: int = 0) -> None:
-        "Count one answered request (and its latency and rows when it was a prediction)."
-        child = self._children.get((path, status))
-        if child is None: child = self._children[(path, status)] = self.requests.labels(path, status)
-        child.inc()
-        if status == 200: self.latency.observe(seconds); self.rows.inc(rows)
-
-    def observe_batches(self, sizes: list[int]) -> None:
-        for n in sizes: self.batch_rows.observe(n)
-        self.batches.inc(len(sizes))
-
-    def count_nonfinite(self, preds: np.ndarray) -> None:
-        if preds.dtype.kind == "f" and not (ok := np.isfinite(preds)).all(): self.nonfinite.inc(int((~ok).sum()))
-
-    def render(self) -> bytes:
-        "The Prometheus text: this process's metrics, or every worker's in multiprocess mode."
-        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
-        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"): return generate_latest(self.registry)
-        merged = CollectorRegistry(); multiprocess.MultiProcessCollector(merged)
-        return generate_latest(merged)
-
 # %% ../nbs/10_serve.ipynb #99a76e38
 class ScoringService:
     "What the app serves: the model (reloadable), the batcher, the prediction log and the metrics."
@@ -294,8 +250,10 @@ class ScoringService:
                 if str(mv.version) != self.model.version: await self.reload()
             except Exception as e: _log.warning("alias poll failed: %s", error_line(e))
     def _in_thread(self, fn, *args): return asyncio.get_running_loop().run_in_executor(self.parse_pool, fn, *args)
-    def authorised(self, headers: dict) -> bool: return self.token is None or hmac.compare_digest(
-        headers.get(b"authorization", b""), self.token)
+    def authorised(self, headers: dict,  # the request's headers, by lower-case name (bytes)
+                  ) -> bool:
+        "Whether /reload may run: no token is configured, or the request carries it."
+        return self.token is None or hmac.compare_digest(headers.get(b"authorization", b""), self.token)
     async def reload_answer(self, headers: dict) -> tuple[int, dict]:
         "(status, body) of POST /reload."
         if not self.authorised(headers): return 401, error_body("missing or wrong bearer token")
@@ -391,7 +349,9 @@ def _run_workers(config) -> None:
     Multiprocess(config, sockets=[sock]).run()
 
 # %% ../nbs/10_serve.ipynb #9e7be31e
-def serve_forever(model_name: str, alias: str, serve: Serve,
+def serve_forever(model_name: str,  # the registered model
+                  alias: str,  # the alias (or version) to serve
+                  serve: Serve,  # the config's `serve` section
                   experiment_id: str | None = None,  # where the serving run goes
                   workers: int = 1,  # processes answering on the port
                  ) -> None:

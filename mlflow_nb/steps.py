@@ -63,7 +63,9 @@ class Step:
         for rid in filter(None, (self.parent_run_id, self.run_id)):
             for k, v in tags.items(): self.client.set_tag(rid, k, v)
 
-    def result_of(self, step: str, key: str) -> str | None:
+    def result_of(self, step: str,  # an earlier step's name
+                  key: str,  # what it recorded, e.g. "version"
+                 ) -> str | None:
         "A result an earlier step of this pipeline recorded, or None."
         if not self.parent_run_id: return None
         return self.client.get_run(self.parent_run_id).data.tags.get(step_tag(step, key))

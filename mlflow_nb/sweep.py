@@ -169,7 +169,7 @@ def trial_runs(client: MlflowClient,  # a client of the sweep's store
 
 # %% ../nbs/16_sweep.ipynb #87d242c4
 def settle_attempts(client: MlflowClient,  # a client of the sweep's store
-                    spec: TrialSpec,
+                    spec: TrialSpec,  # the trial
                    ) -> dict | None:
     "End KILLED the runs lost attempts of this trial left RUNNING; the result of one that FINISHED, if any."
     done = None
@@ -266,7 +266,7 @@ def _stop(dask, flight: dict, study, rows: list, plan: SweepPlan, error: str):
 # %% ../nbs/16_sweep.ipynb #c7d17482
 def run_search(dask,  # a Dask client
                study,  # the Optuna study to ask and tell
-               plan: SweepPlan,
+               plan: SweepPlan,  # the space, the search, how many trials, the objective
                sweep,  # the active sweep run
                tr,  # the Tracking of the sweep's store
                progress: bool = True,  # show a progress bar
