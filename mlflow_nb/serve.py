@@ -195,8 +195,10 @@ class MicroBatcher:
 # %% ../nbs/10_serve.ipynb #99a76e38
 class ScoringService:
     "What the app serves: the model (reloadable), the batcher, the prediction log and the metrics."
-    def __init__(self, model_name: str, alias: str = "champion", serve: Serve | None = None,
-                 client: MlflowClient | None = None,
+    def __init__(self, model_name: str,  # the registered model
+                 alias: str = "champion",  # the alias (or version) to serve
+                 serve: Serve | None = None,  # the config's `serve` section (default: its defaults)
+                 client: MlflowClient | None = None,  # a client of the registry (default: MLflow's own)
                  experiment_id: str | None = None,  # where the serving run goes (default: MLflow's Default experiment)
                  run_id: str | None = None,  # log to this existing run (workers share their parent's)
                  spool: str | None = None):  # folder for prediction windows not yet in the store
@@ -285,7 +287,9 @@ class ScoringService:
 # %% ../nbs/10_serve.ipynb #add8d73a
 class ScoringApp:
     "The ASGI app: POST /predict and /invocations go straight to the scoring handler, everything else to FastAPI."
-    def __init__(self, fastapi_app, service: ScoringService):
+    def __init__(self, fastapi_app,  # the FastAPI app of every other route
+                 service: ScoringService,  # what /predict and /invocations call
+                ):
         self.fastapi, self.service, self.state = fastapi_app, service, fastapi_app.state
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in ("/predict", "/invocations"):
