@@ -19,8 +19,8 @@ from .settings import DataSpec, Training
 
 # %% auto #0
 __all__ = ['BUNDLED', 'GRID', 'OTHER', 'PROFILE_PATH', 'DataError', 'load_dataset', 'select_xy', 'Split', 'split_data',
-           'column_kinds', 'to_model_frame', 'build_preprocessor', 'build_pipeline', 'frame_schema', 'dataset_input',
-           'frame_digest', 'log_dataset_inputs', 'sorted_quantiles', 'build_profile']
+           'column_kinds', 'to_model_frame', 'build_preprocessor', 'build_pipeline', 'frame_schema', 'frame_digest',
+           'dataset_input', 'log_dataset_inputs', 'sorted_quantiles', 'build_profile']
 
 # %% ../nbs/06_data.ipynb #b7d1242e
 class DataError(MlflowNbError):
@@ -179,6 +179,15 @@ def frame_schema(frame: pd.DataFrame,  # the data
     return Schema([specs[c] for c in frame.columns])
 
 # %% ../nbs/06_data.ipynb #946c2a60
+def frame_digest(frame: pd.DataFrame,  # the data
+                ) -> str:
+    "8 hex characters of md5 over every value, the column names and the row count."
+    import hashlib
+    h = hashlib.md5(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    h.update(repr((list(map(str, frame.columns)), len(frame))).encode())
+    return h.hexdigest()[:8]
+
+# %% ../nbs/06_data.ipynb #8db7b58f
 def dataset_input(X: pd.DataFrame,  # features
                   y: pd.Series,  # target
                   source: str,  # `data.source`: a path or "sklearn:<name>"
@@ -194,14 +203,6 @@ def dataset_input(X: pd.DataFrame,  # features
         ds = mlflow.data.from_pandas(frame, source=src, targets=str(y.name), name=name, digest=frame_digest(frame))
     ds.__dict__["schema"] = frame_schema(frame)  # fills MLflow's cached `schema` property: not inferred value by value
     return ds
-
-def frame_digest(frame: pd.DataFrame,  # the data
-                ) -> str:
-    "8 hex characters of md5 over every value, the column names and the row count."
-    import hashlib
-    h = hashlib.md5(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
-    h.update(repr((list(map(str, frame.columns)), len(frame))).encode())
-    return h.hexdigest()[:8]
 
 # %% ../nbs/06_data.ipynb #737d64a1
 def log_dataset_inputs(split: Split,  # the train/test split

@@ -71,6 +71,7 @@ def csv_parts(path: Path,  # a CSV file with a header line
             start = stop
     return parts
 
+# %% ../nbs/17_predict.ipynb #007aeb6d
 def parquet_parts(path: Path,  # a Parquet file
                   rows_per_part: int,  # about this many rows per part (whole row groups)
                   first_index: int = 0,  # the number of its first part
@@ -85,6 +86,7 @@ def parquet_parts(path: Path,  # a Parquet file
             start, rows = g + 1, 0
     return parts
 
+# %% ../nbs/17_predict.ipynb #301dcf95
 def plan_input(source: str | Path,  # a file or a folder
                blocksize: int = 32 << 20,  # CSV bytes per part
                rows_per_part: int = 500_000,  # Parquet rows per part

@@ -189,6 +189,7 @@ def serving_run(client: MlflowClient,  # a client of the store
                                   TAG_MODEL_VERSION: version, **process_tags()})
     return run.info.run_id
 
+# %% ../nbs/09a_prediction_log.ipynb #b27eaf6a
 def end_serving_run(client: MlflowClient,  # a client of the store
                     run_id: str,  # the serving run
                     reason: str | None,  # why some predictions were not logged, or None

@@ -120,6 +120,7 @@ def ranking_spec(metric: str,  # a metric name, or cv_<metric>_mean / cv_<metric
         gib = direction == "higher"
     return dataclasses.replace(spec, name=metric, greater_is_better=gib)
 
+# %% ../nbs/08_registry.ipynb #eefa2a91
 def _finished(kind: str | None) -> list[str]:
     return ["attributes.status = 'FINISHED'"] + ([f"tags.`{TAG_KIND}` = '{kind}'"] if kind else [])
 

@@ -170,6 +170,7 @@ class ModelConfig(_Strict):
 
 # %% ../nbs/02a_settings.ipynb #bb8e5c53
 class Serve(_Strict):
+    "The scoring service's settings: the `serve` section of serving_config.yaml."
     host: str = "127.0.0.1"  # loopback by default: expose it deliberately
     port: int = Field(8080, ge=0, le=65535)
     alias: str | None = None  # None: promotion.alias
@@ -186,6 +187,7 @@ class Serve(_Strict):
     workers: int = Field(1, ge=1, le=64)  # processes answering on the port, each with its own model, batcher and log
     allow_flavors: list[str] = []  # also load these flavors, though loading runs their code
 
+# %% ../nbs/02a_settings.ipynb #38b48cc4
 class Monitor(_Strict):
     "Drift thresholds, performance tolerances and alert sinks: the `monitor` section of serving_config.yaml."
     psi_threshold: float = Field(0.2, gt=0)  # population stability index above this: drift
@@ -223,6 +225,7 @@ class Monitor(_Strict):
             raise ValueError("sinks lists 'webhook' but webhook_url is not set")
         return self
 
+# %% ../nbs/02a_settings.ipynb #9a0a038a
 class ServingConfig(_Strict):
     "The contents of `serving_config.yaml`."
     serve: Serve = Serve()

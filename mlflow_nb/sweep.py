@@ -116,6 +116,7 @@ def grid_values(space: dict,  # {key: distribution}
                                 f"(use --search random or --search tpe for ranges)")
     return {k: list(d.choices) for k, d in space.items()}
 
+# %% ../nbs/16_sweep.ipynb #973eef1a
 def make_sampler(search: str,  # grid, random or tpe
                  seed: int,  # the sampler's seed
                 ):
@@ -125,6 +126,7 @@ def make_sampler(search: str,  # grid, random or tpe
     if search == "tpe": return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=5)
     raise MlflowNbError(f"--search: expected one of {', '.join(SEARCHES)}, got {search!r}")
 
+# %% ../nbs/16_sweep.ipynb #20964ec0
 def _create_study(storage, name, direction, sampler):
     import optuna, sqlalchemy.exc
     optuna.logging.set_verbosity(optuna.logging.WARNING)
