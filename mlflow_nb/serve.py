@@ -256,13 +256,17 @@ class ScoringService:
                   ) -> bool:
         "Whether /reload may run: no token is configured, or the request carries it."
         return self.token is None or hmac.compare_digest(headers.get(b"authorization", b""), self.token)
-    async def reload_answer(self, headers: dict) -> tuple[int, dict]:
+    async def reload_answer(self, headers: dict,  # the request's headers, by lower-case name (bytes)
+                           ) -> tuple[int, dict]:
         "(status, body) of POST /reload."
         if not self.authorised(headers): return 401, error_body("missing or wrong bearer token")
         try: return 200, await self.reload()
         except MlflowNbError as e: return 409, error_body(str(e))
         except Exception as e: return 503, error_body(f"could not reload: {error_line(e)}")
-    async def answer(self, headers: dict, receive, conn) -> tuple[int, bytes, int]:
+    async def answer(self, headers: dict,  # the request's headers, by lower-case name (bytes)
+                     receive,  # the ASGI `receive` callable (the body)
+                     conn,  # the client's (host, port), as the ASGI scope gives it
+                    ) -> tuple[int, bytes, int]:
         "(status, body, rows) of one prediction request."
         if not self.authorised(headers): return 401, orjson.dumps(error_body("missing or wrong bearer token")), 0
         model = self.model
@@ -277,7 +281,10 @@ class ScoringService:
             return status, orjson.dumps(doc), 0
         self.metrics.count_nonfinite(preds)
         return 200, prediction_body(preds, model.version), n
-    async def handle_predict(self, scope, receive, send) -> None:
+    async def handle_predict(self, scope,  # the ASGI scope of the request
+                             receive,  # the ASGI `receive` callable
+                             send,  # the ASGI `send` callable
+                            ) -> None:
         "POST /predict and /invocations as a bare ASGI handler: the hot path skips the framework."
         t0 = time.perf_counter()
         status, body, n = await self.answer(dict(scope["headers"]), receive, scope.get("client"))

@@ -97,3 +97,57 @@ def test_modules_import_only_what_comes_before_them(path):
             and (n.level == 1 or (n.module or "").startswith("mlflow_nb."))}
     later = sorted(m for m in used if m in order and order[m] > order[path.stem])
     assert not later, f"{path.name} ({order[path.stem]}) imports modules of later notebooks: {later}"
+
+
+# -- notebooks at nbdev granularity: a symbol per export cell, its docments, its demonstration ----------------------
+
+NOTEBOOKS = sorted(p for p in (ROOT / "nbs").glob("[0-9]*.ipynb"))
+
+
+def _cells(nb: Path) -> list[dict]:
+    import json
+    return [c for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
+
+
+def _source(cell: dict) -> str: return "".join(cell["source"])
+
+
+def _exported(src: str) -> bool: return bool(re.search(r"^#\|\s*export\b", src, re.M))
+
+
+def _public_defs(src: str) -> list[str]:
+    return [n for n in re.findall(r"^(?:async )?(?:def|class) (\w+)", src, re.M) if not n.startswith("_")]
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+def test_public_parameters_have_docments(path):
+    "Every parameter of a public function, method or constructor says what it is, in a comment on its line."
+    lines, tree, bare = path.read_text().splitlines(), ast.parse(path.read_text()), []
+    for node in tree.body:
+        fns = [node] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else []
+        if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            fns += [f for f in node.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    and (not f.name.startswith("_") or f.name == "__init__")]
+        for fn in (f for f in fns if not f.name.startswith("_") or f.name == "__init__"):
+            args = [a for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs if a.arg not in ("self", "cls")]
+            bare += [f"{fn.name}({a.arg})" for a in args if "#" not in lines[a.lineno - 1]]
+    assert not bare, f"{path.name}: parameters without a docment: {bare}"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_one_public_symbol_per_export_cell_then_a_kept_demonstration(nb):
+    "Each export cell defines one public function or class, and a visible cell with kept output shows it working."
+    crowded, undemonstrated, cells = [], [], _cells(nb)
+    for i, cell in enumerate(cells):
+        src = _source(cell)
+        if not _exported(src) or not (names := _public_defs(src)): continue
+        if len(names) > 1: crowded.append(names)
+        shown = False
+        for later in cells[i + 1:]:
+            s = _source(later)
+            if _exported(s): break
+            if re.search(r"^#\|\s*hide\b", s, re.M): continue
+            if later.get("outputs"): shown = True; break
+        if not shown: undemonstrated += names
+    assert not crowded, f"{nb.name}: export cells with several public symbols: {crowded}"
+    assert not undemonstrated, f"{nb.name}: public symbols without a kept demonstration after them: {undemonstrated}"
