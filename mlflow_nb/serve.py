@@ -254,7 +254,7 @@ class ScoringService:
     def _in_thread(self, fn, *args): return asyncio.get_running_loop().run_in_executor(self.parse_pool, fn, *args)
     def authorised(self, headers: dict,  # the request's headers, by lower-case name (bytes)
                   ) -> bool:
-        "Whether /reload may run: no token is configured, or the request carries it."
+        "Whether /predict or /reload may answer: no token is configured, or the request carries it."
         return self.token is None or hmac.compare_digest(headers.get(b"authorization", b""), self.token)
     async def reload_answer(self, headers: dict,  # the request's headers, by lower-case name (bytes)
                            ) -> tuple[int, dict]:
