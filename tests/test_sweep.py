@@ -27,11 +27,23 @@ def _runs(client, exp_name, flt=""):
     return client.search_runs([exp.experiment_id], flt, max_results=5000) if exp else []
 
 
-def _running_trials(client, uri):
-    """RUNNING trial runs of a SQLite store another process may still be creating: looked at under the lock
-    mlflow-nb creates it under, so that this process never runs MLflow's migration beside it."""
-    if not Path(uri[len("sqlite:///"):]).exists(): return []
-    with store_lock(uri): return _runs(client, "development", f"attributes.status = 'RUNNING' and tags.`{TRIAL}` != ''")
+class _Observer:
+    """Watches a SQLite store another process may still be creating. Opening an `MlflowClient` runs MLflow's
+    migration, so the client is opened only once the file exists, and under the lock mlflow-nb creates it under:
+    this process never migrates beside the sweep."""
+    def __init__(self, uri): self.uri, self._client = uri, None
+
+    @property
+    def client(self):
+        if self._client is None:
+            with store_lock(self.uri): self._client = MlflowClient(self.uri, self.uri)
+        return self._client
+
+    def running_trials(self):
+        "RUNNING trial runs, [] while the store does not exist yet."
+        if self._client is None and not Path(self.uri[len("sqlite:///"):]).exists(): return []
+        client = self.client
+        with store_lock(self.uri): return _runs(client, "development", f"attributes.status = 'RUNNING' and tags.`{TRIAL}` != ''")
 
 
 def _count(client, exp, metric_keys, artifact_paths):
@@ -169,10 +181,10 @@ def test_a_worker_killed_mid_trial_leaves_exactly_one_finished_run_per_trial(pro
                              "-o", "model.params.n_estimators=300", "-g", "model.params.max_depth=2,3,4,5"],
                             cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
     workers, killed, deadline = _worker_pids(cluster["address"]), None, time.time() + 180
-    client = MlflowClient(uri, uri)
+    observer = _Observer(uri)
     try:
         while killed is None and time.time() < deadline and proc.poll() is None:
-            for run in _running_trials(client, uri):
+            for run in observer.running_trials():
                 pid = int(run.data.tags[PID].split("@")[0])
                 if pid in workers:
                     os.kill(pid, signal.SIGKILL); killed = run; break
@@ -183,6 +195,7 @@ def test_a_worker_killed_mid_trial_leaves_exactly_one_finished_run_per_trial(pro
         _wait_for_workers(cluster["address"])  # the nanny restarts the worker it lost
     assert killed is not None, "no trial was seen running on a worker"
     assert proc.returncode == 0, err[-3000:]
+    client = observer.client
     [sweep] = _sweep_runs(client, "development")
     runs = _trials(client, "development", sweep.info.run_id)
     _one_finished_per_trial(runs, range(4))
@@ -198,9 +211,9 @@ def test_sigterm_mid_sweep_leaves_no_run_running(project):
     proc = subprocess.Popen([str(exe), "sweep", "--workers", "2", "--quiet", "-o", "model.params.n_estimators=300",
                              "-g", "model.params.max_depth=2,3,4,5,6,7"], cwd=project, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=child_env())
-    client, deadline = MlflowClient(uri, uri), time.time() + 180
+    observer, deadline = _Observer(uri), time.time() + 180
     try:
-        while time.time() < deadline and proc.poll() is None and not _running_trials(client, uri):
+        while time.time() < deadline and proc.poll() is None and not observer.running_trials():
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
@@ -208,6 +221,7 @@ def test_sigterm_mid_sweep_leaves_no_run_running(project):
         if proc.poll() is None: proc.kill()
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err.strip().splitlines()[-1]
+    client = observer.client
     [sweep] = _sweep_runs(client, "development")
     assert sweep.info.status == "KILLED"
     trials = _trials(client, "development", sweep.info.run_id)
