@@ -190,8 +190,8 @@ class KernelPool:
         except Exception as e: log.debug("kernel shutdown request: %s", error_line(e))
 
     def close(self) -> None:
-        "Stop every kernel this pool started (killing any still running) and remove its folder."
-        with self._lock: self._closed, started = True, list(self._started)
+        "Stop every kernel this pool started (killing any still running) and remove its folder; again: nothing."
+        with self._lock: self._closed, started, self._started = True, list(self._started), []
         for km in started: self._stop(km)
         shutil.rmtree(self._dir, ignore_errors=True)
 

@@ -277,6 +277,7 @@ def run_steps(plan: PipelinePlan,  # the checked request
                 report(s, "FAILED", e.seconds); raise
             except BaseException as e:
                 status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+                kernels.close()  # first: a kernel still working could resume (set RUNNING) a run ended here
                 end_open_runs(client, experiment_id, parent_run_id, status)
                 report(s, status, time.perf_counter() - t0); raise
             report(s, "FINISHED", seconds[s])
