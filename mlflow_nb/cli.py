@@ -10,7 +10,6 @@ import argparse, logging, os, sys, threading, time
 from pathlib import Path
 
 from .core import MlflowNbError, TAG_KIND, TAG_REGISTERED_VERSION, error_line, redact
-from .config import load_config, resolve_uri
 
 # %% auto #0
 __all__ = ['COMMON', 'COMMANDS', 'Arg', 'command', 'build_parser', 'main', 'config_from_args', 'configured', 'cmd_init',
@@ -109,12 +108,14 @@ def main(argv: list[str] | None = None,  # the arguments (default: sys.argv[1:])
 # %% ../nbs/19_cli.ipynb #16903343
 def _overrides(args) -> list[str]:
     "-o overrides, plus --tracking-uri (relative SQLite paths resolved against the current directory)."
+    from mlflow_nb.config import resolve_uri  # here: `mlflow-nb --help` and argument errors need no scikit-learn
     uri = [f"tracking_server.uri={resolve_uri(args.tracking_uri, Path.cwd())}"] if args.tracking_uri else []
     return list(args.override) + uri
 
 def config_from_args(args,  # parsed arguments with config, override and tracking_uri
                     ):
     "The `Config` that --config, -o and --tracking-uri describe."
+    from mlflow_nb.config import load_config
     return load_config(args.config, _overrides(args))
 
 # %% ../nbs/19_cli.ipynb #b8e72bd3

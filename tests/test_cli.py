@@ -71,3 +71,15 @@ def test_import_is_light():
         _heavy_after("import mlflow")
     assert "torch" not in _heavy_after("import mlflow_nb.config, mlflow_nb.tracking, mlflow_nb.repro, mlflow_nb.cli")
     assert "papermill" not in _heavy_after("import mlflow_nb.config, mlflow_nb.tracking, mlflow_nb.repro, mlflow_nb.cli")
+
+
+def test_help_and_argument_errors_import_neither_mlflow_nor_scikit_learn():
+    "`mlflow-nb --help` and a mistyped argument answer at once: the command's module pulls in no ML library."
+    probe = "import sys, mlflow_nb.cli; print(sorted(m for m in ('mlflow', 'sklearn', 'pandas') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+    for args in (["--help"], ["train", "--bogus"]):
+        probe = ("import sys, mlflow_nb.cli\ntry: mlflow_nb.cli.main(%r)\nexcept SystemExit: pass\n"
+                 "print(sorted(m for m in ('mlflow', 'sklearn') if m in sys.modules), file=sys.stderr)" % (args,))
+        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+        assert r.stderr.strip().splitlines()[-1] == "[]", (args, r.stderr)
