@@ -126,14 +126,14 @@ class KernelPool:
     def __init__(self, folder: str | Path,  # the kernels' working folder (the step notebooks')
                  warm_up: list[str],  # per kernel, code it runs before it is handed out (its notebook's imports)
                  env: dict | None = None,  # the kernels' environment (default: this process's)
-                 parallel: int = 0,  # kernels starting at once (0: half the CPUs, at least one)
+                 parallel: int = 0,  # kernels starting at once (0: as many as CPUs)
                 ):
         self.folder, self.warm_up, self.env = Path(folder), list(warm_up), env
         self._dir = tempfile.mkdtemp(prefix="mlflow_nb_kernels_")
         self._ready = [Future() for _ in self.warm_up]
         self._started, self._next, self._closed = [], 0, False
         self._lock = threading.Lock()
-        for _ in range(parallel or max(1, (os.cpu_count() or 2) // 2)):
+        for _ in range(parallel or os.cpu_count() or 2):
             threading.Thread(target=self._starter, daemon=True, name="mlflow_nb-kernel-start").start()
 
     def _starter(self) -> None:
