@@ -330,36 +330,45 @@ def test_concurrent_reloads_never_install_an_older_model_over_a_newer_one(served
     client, other = _store(project), other_version
 
     def cycle():
-        "Reloads in a stream, staggered, while the alias moves from `big` to `other`: what /metadata showed."
+        """Reloads in a stream, staggered, while the alias moves from `big` to `other`: what /metadata showed. Each
+        loop goes on past the 4 s until one of its reloads started after the move (a slow host loads `big` for
+        seconds), and the watch goes on 2 s after the last reload answered."""
         client.set_registered_model_alias("diabetes_regressor", "champion", big)
         assert httpx.post(f"{server.url}/reload", timeout=60).json()["version"] == big
-        stop, moved, seen, answers = time.time() + 4, threading.Event(), [], []
+        stop, moved, done, seen, answers = time.time() + 4, threading.Event(), threading.Event(), [], []
         def reload_loop(seed):
-            rng = np.random.default_rng(seed)
-            with httpx.Client(base_url=server.url, timeout=60) as c:
-                while time.time() < stop:
+            rng, after = np.random.default_rng(seed), False
+            with httpx.Client(base_url=server.url, timeout=120) as c:
+                while (time.time() < stop or not after) and time.time() < stop + 300:
                     time.sleep(rng.uniform(0, 0.3))  # staggered: some reloads always straddle the move
-                    started_after_move = moved.is_set()
+                    after = moved.is_set()
                     r = c.post("/reload")
                     assert r.status_code == 200, r.text
-                    answers.append((started_after_move, r.json()["version"]))
+                    answers.append((after, r.json()["version"]))
         def watch():
             with httpx.Client(base_url=server.url, timeout=60) as c:
-                while time.time() < stop + 2: seen.append(c.get("/metadata").json()["version"]); time.sleep(0.005)
+                while not done.wait(0.005): seen.append(c.get("/metadata").json()["version"])
+                until = time.time() + 2
+                while time.time() < until: seen.append(c.get("/metadata").json()["version"]); time.sleep(0.005)
         with cf.ThreadPoolExecutor(6) as pool:
-            futs = [pool.submit(reload_loop, i) for i in range(5)] + [pool.submit(watch)]
+            watcher, loops = pool.submit(watch), [pool.submit(reload_loop, i) for i in range(5)]
             time.sleep(1.2)
             client.set_registered_model_alias("diabetes_regressor", "champion", other); moved.set()
-            for f in futs: f.result()
+            try:
+                for f in loops: f.result()
+            finally: done.set()
+            watcher.result()
         return seen, answers
 
-    for _ in range(2):
-        seen, answers = cycle()
-        # once the newer version was served, the older one never came back
-        assert other in seen and big not in seen[seen.index(other):], seen
-        assert all(v == other for after, v in answers if after)
-    client.set_registered_model_alias("diabetes_regressor", "champion", champion)
-    assert httpx.post(f"{server.url}/reload", timeout=60).json()["version"] == champion
+    try:
+        for _ in range(2):
+            seen, answers = cycle()
+            # once the newer version was served, the older one never came back
+            assert other in seen and big not in seen[seen.index(other):], seen
+            assert all(v == other for after, v in answers if after)
+    finally:  # the module's later tests expect the champion served
+        client.set_registered_model_alias("diabetes_regressor", "champion", champion)
+        assert httpx.post(f"{server.url}/reload", timeout=120).json()["version"] == champion
 
 
 def test_bearer_token_protects_predict_and_reload(served):
