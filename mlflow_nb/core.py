@@ -7,7 +7,7 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/core.html.md"""
 # %% ../nbs/00_core.ipynb #c8824d34
 from __future__ import annotations
 import atexit, logging, os, re, shutil, tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 # %% auto #0
@@ -17,8 +17,8 @@ __all__ = ['TAG_KIND', 'TAG_STEP', 'TAG_ERROR', 'TAG_CONFIG_DIGEST', 'TAG_MODEL'
            'TAG_DRIFTED', 'TAG_ALERTS', 'TAG_UNCHECKED_METRICS', 'TAG_PROMOTED_AT', 'TAG_PROMOTED_BY',
            'TAG_PROMOTION_REASON', 'TAG_PREVIOUS_VERSION', 'TAG_PROMOTED_ALIAS', 'TAG_SWEEP_STUDY',
            'TAG_SWEEP_BEST_RUN', 'HISTORY_PREFIX', 'GIT_COMMIT', 'PARENT_RUN', 'LOCK_PREFIX', 'REDACTED',
-           'MlflowNbError', 'error_line', 'step_tag', 'redact', 'redact_url', 'quiet_migrations', 'TempStore',
-           'temp_store']
+           'MlflowNbError', 'error_line', 'step_tag', 'redact', 'redact_url', 'quiet_migrations',
+           'empty_store_template', 'new_sqlite_store', 'TempStore', 'temp_store']
 
 # %% ../nbs/00_core.ipynb #cdf51e48
 class MlflowNbError(Exception):
@@ -103,6 +103,54 @@ def quiet_migrations():
     finally:
         for lg, lv in zip(loggers, levels): lg.setLevel(lv)
 
+# %% ../nbs/00_core.ipynb #31852db2
+def _cache_dir() -> Path: return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlflow_nb"
+
+def empty_store_template() -> Path | None:
+    "A migrated SQLite store without experiments, made once per MLflow version in the user's cache (or None)."
+    import fcntl, sqlite3, mlflow
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    template = _cache_dir() / f"empty-store-mlflow-{mlflow.__version__}.db"
+    if template.exists(): return template
+    tmp = template.with_name(f"{template.name}.{os.getpid()}.tmp")
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{template}.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # one process makes it; the others wait, then copy it
+            if template.exists(): return template
+            with quiet_migrations(): SqlAlchemyStore(f"sqlite:///{tmp}", str(template.parent)).engine.dispose()
+            with sqlite3.connect(tmp) as con: con.execute("DELETE FROM experiments")  # MLflow adds its Default
+            con.close()
+            tmp.chmod(0o444)  # (opened by MLflow, it would get a Default experiment: see new_sqlite_store)
+            os.replace(tmp, template)
+        return template
+    except Exception:  # an optimisation only: whatever went wrong, MLflow's own migration makes the store
+        logging.getLogger("mlflow_nb").debug("no empty-store template", exc_info=True)
+        with suppress(OSError): tmp.unlink(missing_ok=True)
+        return None
+
+
+# %% ../nbs/00_core.ipynb #67ea1686
+def new_sqlite_store(db: Path,  # the database file of a `sqlite:///` URI, not there yet
+                    ) -> bool:
+    "Create store file `db` as a copy of the empty template; False (nothing written) if `db` exists or no template."
+    import sqlite3
+    template = empty_store_template()
+    if template is None or db.exists(): return False
+    db.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(template, tmp)
+        with sqlite3.connect(tmp) as con: experiments = con.execute("SELECT count(*) FROM experiments").fetchone()[0]
+        con.close()
+        if experiments:  # a template somebody opened with MLflow: made anew next time, MLflow migrates this store
+            template.unlink(missing_ok=True); return False
+        os.link(tmp, db)  # never over a store another process made meanwhile
+        return True
+    except FileExistsError: return False
+    finally: tmp.unlink(missing_ok=True)
+
+
 # %% ../nbs/00_core.ipynb #fd04594d
 class TempStore:
     "A temporary SQLite tracking store and artifact folder; MLflow points at it until `close()`."
@@ -126,7 +174,8 @@ class TempStore:
         self._saved = (env, mlflow.get_tracking_uri(), mlflow.get_registry_uri())
         mlflow.set_tracking_uri(self.uri); mlflow.set_registry_uri(self.uri)
         self._restore_env(env)  # MLflow exported the URI; the variable stays the user's
-        with quiet_migrations(): client = mlflow.MlflowClient(self.uri)  # creates the tables
+        new_sqlite_store(self.path / "mlflow.db")  # a copy of the migrated empty store, when it can
+        with quiet_migrations(): client = mlflow.MlflowClient(self.uri)  # else this creates the tables
         exp = client.get_experiment_by_name("scratch") or client.get_experiment(client.create_experiment(
             "scratch", artifact_location=(self.artifacts / "scratch").as_uri()))
         # the active experiment: this store's own, never an id left over from another store in this process, and

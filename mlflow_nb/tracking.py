@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .core import (MlflowNbError, redact, TAG_BOOT, TAG_ERROR, TAG_HOST, TAG_PID, error_line,
-                            quiet_migrations)
+                            quiet_migrations, new_sqlite_store)
 from .config import Config
 from .settings import MlflowConfig
 
@@ -130,7 +130,8 @@ def setup_tracking(config: Config | MlflowConfig,  # loaded configs, or just the
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     names = {"default": mcfg.experiments.default, "production": mcfg.experiments.production}
     with store_lock(uri), quiet_migrations():
-        client = MlflowClient(uri, reg)  # opening the store runs the migration, once, under the lock
+        if (db := sqlite_path(uri)) is not None: new_sqlite_store(db)  # a copy of a migrated empty store
+        client = MlflowClient(uri, reg)  # opening a store with no tables migrates it, once, under the lock
         ids = {role: ensure_experiment(client, n, None if remote else artifact_location(mcfg.artifacts.store, n))
                for role, n in names.items()}
     use_store(uri)
