@@ -18,7 +18,7 @@ __all__ = ['TAG_KIND', 'TAG_STEP', 'TAG_ERROR', 'TAG_CONFIG_DIGEST', 'TAG_MODEL'
            'TAG_PROMOTION_REASON', 'TAG_PREVIOUS_VERSION', 'TAG_PROMOTED_ALIAS', 'TAG_SWEEP_STUDY',
            'TAG_SWEEP_BEST_RUN', 'HISTORY_PREFIX', 'GIT_COMMIT', 'PARENT_RUN', 'LOCK_PREFIX', 'REDACTED',
            'MlflowNbError', 'error_line', 'step_tag', 'redact', 'redact_url', 'quiet_migrations',
-           'empty_store_template', 'new_sqlite_store', 'TempStore', 'temp_store']
+           'empty_store_template', 'new_sqlite_store', 'TempStore', 'temp_store', 'import_skops']
 
 # %% ../nbs/00_core.ipynb #cdf51e48
 class MlflowNbError(Exception):
@@ -207,3 +207,19 @@ def temp_store(activate: bool = True,  # point MLflow at it now
               ) -> TempStore:
     "A temporary tracking store, removed on `close()`, at the end of a `with` block or at exit."
     return TempStore(activate)
+
+# %% ../nbs/00_core.ipynb #99fce48c
+def import_skops():
+    "`skops.io`, imported without importing torch (when torch is not loaded yet)."
+    import sys, types
+    name = "sklearn.externals.array_api_compat.torch"
+    if "skops.io" not in sys.modules and "torch" not in sys.modules and name not in sys.modules:
+        stand_in = types.ModuleType(name)
+        stand_in.__path__ = []  # a package with nothing in it: the walk imports nothing below it
+        sys.modules[name] = stand_in
+        try: import skops.io
+        finally:
+            if sys.modules.get(name) is stand_in: del sys.modules[name]
+    import skops.io
+    return skops.io
+

@@ -17,7 +17,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .core import MlflowNbError, TAG_KIND
+from .core import MlflowNbError, TAG_KIND, import_skops
 from .metrics import MetricSpec, get_metric
 from .train import untrusted_types
 
@@ -93,6 +93,7 @@ def load_model(uri: str,  # models:/name/version, runs:/id/model, ...
     "The model at `uri`, loaded only if it passes the trust check."
     meta = mlflow.models.Model.load(uri)
     how = check_trust(meta, uri, tuple(allow_flavors))
+    if how == "skops": import_skops()  # (without the torch import skops.io would cost)
     model = mlflow.sklearn.load_model(uri) if how == "skops" else mlflow.pyfunc.load_model(uri)
     return LoadedModel(uri, model, meta)
 

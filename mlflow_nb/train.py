@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .core import (MlflowNbError, TAG_CONFIG_DIGEST, TAG_KIND, TAG_PRIMARY_METRIC, TAG_REGISTERED_VERSION,
-                            error_line)
+                            error_line, import_skops)
 from .estimators import build_estimator, estimator_task, resolve_estimator
 from .config import Config
 from .data import (PROFILE_PATH, Split, build_pipeline, build_profile, load_dataset, log_dataset_inputs,
@@ -170,7 +170,7 @@ _TRUSTED_BY_LAYOUT: dict[frozenset, list[str]] = {}  # skops's list for each lay
 def skops_trusted_types(model,  # a fitted model
                        ) -> list[str]:
     "The non-default types skops finds in `model`, all trusted; `MlflowNbError` naming any that is not."
-    import skops.io as sio
+    sio = import_skops()  # (without the torch import skops.io would cost)
     key = type_layout(model)
     found = _TRUSTED_BY_LAYOUT.get(key)
     if found is None:
