@@ -137,9 +137,9 @@ def new_sqlite_store(db: Path,  # the database file of a `sqlite:///` URI, not t
     import sqlite3
     template = empty_store_template()
     if template is None or db.exists(): return False
-    db.parent.mkdir(parents=True, exist_ok=True)
     tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
     try:
+        db.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(template, tmp)
         with sqlite3.connect(tmp) as con: experiments = con.execute("SELECT count(*) FROM experiments").fetchone()[0]
         con.close()
@@ -147,8 +147,9 @@ def new_sqlite_store(db: Path,  # the database file of a `sqlite:///` URI, not t
             template.unlink(missing_ok=True); return False
         os.link(tmp, db)  # never over a store another process made meanwhile
         return True
-    except FileExistsError: return False
-    finally: tmp.unlink(missing_ok=True)
+    except (OSError, sqlite3.Error): return False  # (FileExistsError: another process made it); MLflow takes over
+    finally:
+        with suppress(OSError): tmp.unlink(missing_ok=True)
 
 
 # %% ../nbs/00_core.ipynb #fd04594d

@@ -320,10 +320,10 @@ def check_columns(parts: list[Part],  # the planned input
     # "terminate called without an active exception") after the error was printed
     import pyarrow.csv as pcsv, pyarrow.parquet as pq
     import pyarrow as pa
-    ONE_THREAD = pcsv.ReadOptions(use_threads=False)
+    one_thread = pcsv.ReadOptions(use_threads=False)
     for p in {p.path: p for p in parts}.values():
         have = set(pq.ParquetFile(p.path).schema_arrow.names) if p.kind == "parquet" else \
-            set(pcsv.read_csv(pa.BufferReader(p.header), read_options=ONE_THREAD).column_names)
+            set(pcsv.read_csv(pa.BufferReader(p.header), read_options=one_thread).column_names)
         need = [c["name"] for c in columns if c.get("required", True)] + list(keep)
         missing = [c for c in need if c not in have]
         if missing: raise MlflowNbError(f"--input {p.path}: missing column(s) {', '.join(missing)}")
