@@ -281,7 +281,8 @@ def run_search(dask,  # a Dask client
     def submit():
         fut, trial = _submit(dask, study, plan, sweep, tr)
         flight[fut] = trial; queue.add(fut)
-    for _ in range(min(plan.trials, cluster_thread_count(dask))): submit()
+    per_thread = 1 if plan.search == "tpe" else 2  # grid and random asks learn nothing from results: each worker's
+    for _ in range(min(plan.trials, per_thread * cluster_thread_count(dask))): submit()  # next trial waits queued
     asked = len(flight)
     with tqdm(total=plan.trials, desc="sweep", unit="trial", disable=not progress) as bar:
         for fut in queue:
