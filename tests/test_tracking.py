@@ -2,7 +2,7 @@
 `MLFLOW_TRACKING_URI`, and `cleanup` of runs whose process died (and only those)."""
 import multiprocessing as mp, os, sqlite3, subprocess, sys
 
-import pytest
+import mlflow, pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import child_env, run_cli
@@ -41,8 +41,10 @@ def _setup_worker(uri, store, barrier, results):
         results.put(("error", repr(e)))
 
 
-@pytest.mark.parametrize("attempt", range(2))
-def test_four_processes_set_up_the_same_fresh_sqlite_store(tmp_path, attempt):
+@pytest.mark.parametrize("cache", ["user", "empty"])
+def test_four_processes_set_up_the_same_fresh_sqlite_store(tmp_path, cache, monkeypatch):
+    "Four processes create one store at once; with an empty cache they race to make the empty-store template too."
+    if cache == "empty": monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     db = tmp_path / "fresh.db"
     uri = f"sqlite:///{db}"
     ctx = mp.get_context("spawn")
@@ -60,6 +62,12 @@ def test_four_processes_set_up_the_same_fresh_sqlite_store(tmp_path, attempt):
     assert {"development", "production"} <= names
     head = sqlite3.connect(db).execute("select version_num from alembic_version").fetchall()
     assert len(head) == 1
+    if cache == "empty":  # one template was made, without experiments, and nothing else was left in the cache
+        name = f"empty-store-mlflow-{mlflow.__version__}.db"
+        assert sorted(p.name for p in (tmp_path / "cache" / "mlflow_nb").iterdir()) == [name, f"{name}.lock"]
+        template = tmp_path / "cache" / "mlflow_nb" / name
+        assert sqlite3.connect(template).execute("select count(*) from experiments").fetchone() == (0,)
+        assert sqlite3.connect(template).execute("select version_num from alembic_version").fetchall() == head
 
 
 
