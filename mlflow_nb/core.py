@@ -6,8 +6,8 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #c8824d34
 from __future__ import annotations
-import atexit, logging, os, re, shutil, tempfile
-from contextlib import contextmanager, suppress
+import atexit, fcntl, logging, os, re, shutil, tempfile
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 
 # %% auto #0
@@ -17,8 +17,8 @@ __all__ = ['TAG_KIND', 'TAG_STEP', 'TAG_ERROR', 'TAG_CONFIG_DIGEST', 'TAG_MODEL'
            'TAG_DRIFTED', 'TAG_ALERTS', 'TAG_UNCHECKED_METRICS', 'TAG_PROMOTED_AT', 'TAG_PROMOTED_BY',
            'TAG_PROMOTION_REASON', 'TAG_PREVIOUS_VERSION', 'TAG_PROMOTED_ALIAS', 'TAG_SWEEP_STUDY',
            'TAG_SWEEP_BEST_RUN', 'HISTORY_PREFIX', 'GIT_COMMIT', 'PARENT_RUN', 'LOCK_PREFIX', 'REDACTED',
-           'MlflowNbError', 'error_line', 'step_tag', 'redact', 'redact_url', 'quiet_migrations',
-           'empty_store_template', 'new_sqlite_store', 'TempStore', 'temp_store', 'import_skops']
+           'MlflowNbError', 'error_line', 'step_tag', 'redact', 'redact_url', 'quiet_migrations', 'sqlite_path',
+           'store_lock', 'empty_store_template', 'new_sqlite_store', 'TempStore', 'temp_store', 'import_skops']
 
 # %% ../nbs/00_core.ipynb #cdf51e48
 class MlflowNbError(Exception):
@@ -103,24 +103,43 @@ def quiet_migrations():
     finally:
         for lg, lv in zip(loggers, levels): lg.setLevel(lv)
 
+# %% ../nbs/00_core.ipynb #3d0eb59a
+def sqlite_path(uri: str,  # a tracking URI
+               ) -> Path | None:
+    "The database file of a `sqlite:///` URI, or None for any other store."
+    if not uri.startswith("sqlite:///"): return None
+    p = uri[len("sqlite:///"):].split("?")[0]
+    return None if p in ("", ":memory:") else Path(p if p.startswith("/") else Path.cwd() / p)
+
+# %% ../nbs/00_core.ipynb #12816ad0
+@contextmanager
+def store_lock(uri: str,  # the tracking URI whose store to lock
+              ):
+    "Hold an exclusive inter-process lock for the SQLite store at `uri` (no-op for other stores)."
+    db = sqlite_path(uri)
+    if db is None:
+        yield; return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(fh, fcntl.LOCK_UN)
+
 # %% ../nbs/00_core.ipynb #31852db2
 def _cache_dir() -> Path: return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlflow_nb"
 
 def empty_store_template() -> Path | None:
     "A migrated SQLite store without experiments, made once per MLflow version in the user's cache (or None)."
-    import fcntl, sqlite3, mlflow
+    import sqlite3, mlflow
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
     template = _cache_dir() / f"empty-store-mlflow-{mlflow.__version__}.db"
     if template.exists(): return template
     tmp = template.with_name(f"{template.name}.{os.getpid()}.tmp")
     try:
-        template.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{template}.lock", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)  # one process makes it; the others wait, then copy it
+        with store_lock(f"sqlite:///{template}"):  # one process makes it; the others wait, then copy it
             if template.exists(): return template
             with quiet_migrations(): SqlAlchemyStore(f"sqlite:///{tmp}", str(template.parent)).engine.dispose()
-            with sqlite3.connect(tmp) as con: con.execute("DELETE FROM experiments")  # MLflow adds its Default
-            con.close()
+            with closing(sqlite3.connect(tmp)) as con, con: con.execute("DELETE FROM experiments")  # (MLflow adds one)
             tmp.chmod(0o444)  # (opened by MLflow, it would get a Default experiment: see new_sqlite_store)
             os.replace(tmp, template)
         return template
@@ -141,9 +160,8 @@ def new_sqlite_store(db: Path,  # the database file of a `sqlite:///` URI, not t
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(template, tmp)
-        with sqlite3.connect(tmp) as con: experiments = con.execute("SELECT count(*) FROM experiments").fetchone()[0]
-        con.close()
-        if experiments:  # a template somebody opened with MLflow: made anew next time, MLflow migrates this store
+        with closing(sqlite3.connect(tmp)) as con: clean = not con.execute("SELECT 1 FROM experiments").fetchone()
+        if not clean:  # a template somebody opened with MLflow: made anew next time; MLflow migrates this store
             template.unlink(missing_ok=True); return False
         os.link(tmp, db)  # never over a store another process made meanwhile
         return True

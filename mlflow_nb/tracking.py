@@ -6,7 +6,7 @@ Docs: https://mlflow-nb.github.io/mlflow_nb/tracking.html.md"""
 
 # %% ../nbs/04_tracking.ipynb #db78257a
 from __future__ import annotations
-import fcntl, functools, hashlib, inspect, logging, numbers, os, re, socket, time
+import functools, hashlib, inspect, logging, numbers, os, re, socket, time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,40 +18,17 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .core import (MlflowNbError, redact, TAG_BOOT, TAG_ERROR, TAG_HOST, TAG_PID, error_line,
-                            quiet_migrations, new_sqlite_store)
+                            quiet_migrations, new_sqlite_store, sqlite_path, store_lock)
 from .config import Config
 from .settings import MlflowConfig
 
 # %% auto #0
-__all__ = ['log', 'HTTP_RETRY_POLICY', 'MAX_PARAM_LEN', 'sqlite_path', 'store_lock', 'artifact_location', 'ensure_experiment',
-           'Tracking', 'use_store', 'setup_tracking', 'flatten', 'safe_name', 'param_items', 'active_run_id',
-           'log_params', 'numeric_metrics', 'process_identity', 'process_tags', 'end_orphaned_runs', 'tracked_run',
-           'track_experiment', 'MetricBuffer']
+__all__ = ['log', 'HTTP_RETRY_POLICY', 'MAX_PARAM_LEN', 'artifact_location', 'ensure_experiment', 'Tracking', 'use_store',
+           'setup_tracking', 'flatten', 'safe_name', 'param_items', 'active_run_id', 'log_params', 'numeric_metrics',
+           'process_identity', 'process_tags', 'end_orphaned_runs', 'tracked_run', 'track_experiment', 'MetricBuffer']
 
 # %% ../nbs/04_tracking.ipynb #d20b335a
 log = logging.getLogger("mlflow_nb")
-
-# %% ../nbs/04_tracking.ipynb #3d0eb59a
-def sqlite_path(uri: str,  # a tracking URI
-               ) -> Path | None:
-    "The database file of a `sqlite:///` URI, or None for any other store."
-    if not uri.startswith("sqlite:///"): return None
-    p = uri[len("sqlite:///"):].split("?")[0]
-    return None if p in ("", ":memory:") else Path(p if p.startswith("/") else Path.cwd() / p)
-
-# %% ../nbs/04_tracking.ipynb #12816ad0
-@contextmanager
-def store_lock(uri: str,  # the tracking URI whose store to lock
-              ):
-    "Hold an exclusive inter-process lock for the SQLite store at `uri` (no-op for other stores)."
-    db = sqlite_path(uri)
-    if db is None:
-        yield; return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{db}.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try: yield
-        finally: fcntl.flock(fh, fcntl.LOCK_UN)
 
 # %% ../nbs/04_tracking.ipynb #e717de24
 def artifact_location(store: str,  # `artifacts.store`: a folder or a URI

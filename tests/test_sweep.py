@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mlflow_nb.tracking import store_lock
+from mlflow_nb.core import store_lock
 from support import dask_cluster, team_server
 from conftest import child_env, cli_cases, run_cli
 
