@@ -154,8 +154,9 @@ def new_sqlite_store(db: Path,  # the database file of a `sqlite:///` URI, not t
                     ) -> bool:
     "Create store file `db` as a copy of the empty template; False (nothing written) if `db` exists or no template."
     import sqlite3
+    if db.exists(): return False  # (checked first: an existing store never costs a template)
     template = empty_store_template()
-    if template is None or db.exists(): return False
+    if template is None: return False
     tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
