@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .core import MlflowNbError, error_line, redact, redact_url
+from .core import MlflowNbError, error_line, load_yaml, redact, redact_url
 from .estimators import EstimatorError, check_params, estimator_task, resolve_estimator
 from .metrics import METRICS
 from .settings import Artifacts, MlflowConfig, ModelConfig, Registry, ServingConfig, TrackingServer
@@ -78,7 +78,7 @@ def _read_yaml(path: Path) -> dict:
     "The mapping in the YAML file at `path`; `ConfigError` naming the line for syntax errors."
     show = _show(path)
     if not path.is_file(): raise ConfigError(f"{show}: file not found")
-    try: data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try: data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -123,7 +123,7 @@ def parse_override(item: str,  # "a.b.c=value"
     key, sep, raw = item.partition("=")
     if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
         raise ConfigError(f"override {item!r}: expected KEY.SUB=VALUE, e.g. training.test_size=0.3")
-    try: value = yaml.safe_load(raw) if raw.strip() else ""
+    try: value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError: value = raw
     return key.strip().split("."), json_typed(value, f"override {redact(item)}")
 

@@ -10,6 +10,8 @@ import atexit, fcntl, logging, os, re, shutil, tempfile
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 
+import yaml
+
 # %% auto #0
 __all__ = ['TAG_KIND', 'TAG_STEP', 'TAG_ERROR', 'TAG_CONFIG_DIGEST', 'TAG_MODEL', 'TAG_ALIAS', 'TAG_MODEL_VERSION',
            'TAG_REGISTERED_VERSION', 'TAG_HOST', 'TAG_PID', 'TAG_BOOT', 'TAG_PRIMARY_METRIC', 'TAG_SWEEP_TRIAL',
@@ -17,8 +19,9 @@ __all__ = ['TAG_KIND', 'TAG_STEP', 'TAG_ERROR', 'TAG_CONFIG_DIGEST', 'TAG_MODEL'
            'TAG_DRIFTED', 'TAG_ALERTS', 'TAG_UNCHECKED_METRICS', 'TAG_PROMOTED_AT', 'TAG_PROMOTED_BY',
            'TAG_PROMOTION_REASON', 'TAG_PREVIOUS_VERSION', 'TAG_PROMOTED_ALIAS', 'TAG_SWEEP_STUDY',
            'TAG_SWEEP_BEST_RUN', 'HISTORY_PREFIX', 'GIT_COMMIT', 'PARENT_RUN', 'LOCK_PREFIX', 'REDACTED',
-           'MlflowNbError', 'error_line', 'step_tag', 'redact', 'redact_url', 'quiet_migrations', 'sqlite_path',
-           'store_lock', 'empty_store_template', 'new_sqlite_store', 'TempStore', 'temp_store', 'import_skops']
+           'MlflowNbError', 'error_line', 'step_tag', 'redact', 'redact_url', 'load_yaml', 'quiet_migrations',
+           'sqlite_path', 'store_lock', 'empty_store_template', 'new_sqlite_store', 'TempStore', 'temp_store',
+           'import_skops']
 
 # %% ../nbs/00_core.ipynb #cdf51e48
 class MlflowNbError(Exception):
@@ -91,6 +94,17 @@ def redact_url(url: str | None,  # a URL that is a secret as a whole, such as a 
     if not url: return url
     m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*://)(?:[^@/]*@)?([^/?#]*)", url)
     return f"{m[1]}{m[2]}/{REDACTED}" if m else REDACTED
+
+# %% ../nbs/00_core.ipynb #13ebfe6c
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML was built with it
+
+def load_yaml(text: str,  # YAML text
+             ):
+    "`yaml.safe_load(text)` through libyaml when PyYAML has it; a syntax error is the pure-Python parser's."
+    try: return yaml.load(text, Loader=_YAML_LOADER)
+    except yaml.YAMLError:
+        if _YAML_LOADER is yaml.SafeLoader: raise
+        return yaml.safe_load(text)  # raises again, in the pure-Python parser's (clearer) words
 
 # %% ../nbs/00_core.ipynb #89726fa3
 @contextmanager

@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .core import (GIT_COMMIT, MlflowNbError, PARENT_RUN, TAG_CONFIG_DIGEST, TAG_KIND, TAG_STARTED_RUN,
-                            TAG_STEP, error_line, redact, redact_url, step_tag)
+                            TAG_STEP, error_line, load_yaml, redact, redact_url, step_tag)
 from .config import Config, ConfigError, json_typed, load_config
 from .notebooks import (KernelPool, PipelineStepFailed, find_notebooks, import_lines, preload,
                                  run_step_notebook, step_parameters)
@@ -70,7 +70,7 @@ def parse_parameters(items: list[str] = (),  # "name=value" strings (-p)
     "Parameters from `-p key=value` items and a `-y` YAML mapping, checked."
     params = {}
     if yaml_text:
-        try: loaded = yaml.safe_load(yaml_text)
+        try: loaded = load_yaml(yaml_text)
         except yaml.YAMLError as e:
             raise MlflowNbError(f"-y: not valid YAML: {error_line(e, with_type=False)}") from None
         if not isinstance(loaded, dict):

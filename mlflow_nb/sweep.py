@@ -16,7 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from .core import (MlflowNbError, PARENT_RUN, TAG_ERROR, TAG_KIND, TAG_SWEEP_BEST_RUN, TAG_SWEEP_STUDY,
-                            TAG_SWEEP_TRIAL, error_line, redact)
+                            TAG_SWEEP_TRIAL, error_line, load_yaml, redact)
 from .cluster import cluster_thread_count, dask_client
 from .config import load_config
 from .metrics import get_metric
@@ -72,7 +72,7 @@ def dimension(key: str,  # the config key, e.g. model.params.max_depth
 # %% ../nbs/16_sweep.ipynb #c379124f
 def _yaml_mapping(text: str, where: str) -> dict:
     "The mapping in YAML `text`; `MlflowNbError` naming `where` for anything else."
-    try: loaded = yaml.safe_load(text)
+    try: loaded = load_yaml(text)
     except yaml.YAMLError as e:
         at = f"line {e.problem_mark.line + 1}: " if getattr(e, "problem_mark", None) else ""
         raise MlflowNbError(f"{where}: {at}YAML syntax error: {getattr(e, 'problem', None) or e}") from None
@@ -87,7 +87,7 @@ def _grid_item(item: str) -> tuple[str, list]:
     k, sep, v = item.partition("=")
     if not sep or not k.strip() or not v.strip():
         raise MlflowNbError(f"-g {item!r}: expected KEY=V1,V2,... e.g. model.params.max_depth=3,6")
-    try: return k.strip(), [yaml.safe_load(x) if x.strip() else "" for x in v.split(",")]
+    try: return k.strip(), [load_yaml(x) if x.strip() else "" for x in v.split(",")]
     except yaml.YAMLError: raise MlflowNbError(f"-g {item!r}: a value is not valid YAML") from None
 
 def search_space(items: list[str] = (),  # `-g KEY=V1,V2` items
