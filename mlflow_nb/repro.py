@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 
 from .core import GIT_COMMIT, TAG_GIT_BRANCH, TAG_GIT_DIRTY, redact, redact_url
-from .tracking import active_run_id
+from .tracking import active_run_id, log_params
 
 # %% auto #0
 __all__ = ['PACKAGES', 'set_seed', 'package_versions', 'requirements_text', 'git_state', 'torch_build', 'cuda_available',
@@ -71,12 +71,15 @@ def _git(*args, cwd=None) -> str | None:
 
 def git_state(path: str | Path = ".",  # a path inside the work tree
              ) -> dict | None:
-    "commit, branch, dirty flag and diff of the git work tree holding `path`; None outside git."
-    commit = _git("rev-parse", "HEAD", cwd=path)
-    if commit is None: return None
-    status = _git("status", "--porcelain", "--untracked-files=no", cwd=path) or ""
-    dirty = bool(status.strip())
-    return {"commit": commit.strip(), "branch": (_git("rev-parse", "--abbrev-ref", "HEAD", cwd=path) or "").strip(),
+    "commit, branch, dirty flag and diff of the git work tree holding `path`; None outside git or before a commit."
+    status = _git("status", "--porcelain=v2", "--branch", "--untracked-files=no", cwd=path)  # one git for the three
+    if status is None: return None
+    head = dict(l[2:].split(" ", 1) for l in status.splitlines() if l.startswith("# branch.") and " " in l[2:])
+    commit = head.get("branch.oid", "(initial)")
+    if commit == "(initial)": return None
+    dirty = any(l and not l.startswith("#") for l in status.splitlines())
+    branch = head.get("branch.head", "")
+    return {"commit": commit, "branch": "HEAD" if branch == "(detached)" else branch,  # as `rev-parse --abbrev-ref`
             "dirty": dirty, "diff": _git("diff", "HEAD", cwd=path) if dirty else ""}
 
 # %% ../nbs/05_repro.ipynb #c030441d
@@ -106,19 +109,20 @@ def redact_config(text: str,  # a config file (or a diff of one)
 # %% ../nbs/05_repro.ipynb #d3a287e5
 def log_environment(config_files: list[str | Path] = (),  # config files to keep with the run
                     repo: str | Path = ".",  # a path inside the git work tree to describe
+                    params: dict | None = None,  # more params to log with the environment's (one write for all)
+                    tags: dict | None = None,  # more tags to set with the git tags
                    ) -> dict:
-    "Log versions, requirements, git state and config files into the active run; returns the logged params."
+    "Log versions, requirements, git state and config files (and `params`, `tags`) into the active run; the params."
     active_run_id()
-    params = {"env.python": platform.python_version(), "env.platform": platform.platform(),
-              **{f"env.{k}": v for k, v in package_versions().items()}, "env.torch_build": torch_build()}
-    if cuda_available() is not None: params["env.cuda_available"] = str(cuda_available())
-    mlflow.log_params(params)
-    mlflow.log_text(requirements_text(), "environment/requirements.txt")
+    env = {"env.python": platform.python_version(), "env.platform": platform.platform(),
+           **{f"env.{k}": v for k, v in package_versions().items()}, "env.torch_build": torch_build()}
+    if cuda_available() is not None: env["env.cuda_available"] = str(cuda_available())
     git = git_state(repo)
-    if git:
-        mlflow.set_tags({GIT_COMMIT: git["commit"], TAG_GIT_BRANCH: git["branch"],
-                         TAG_GIT_DIRTY: str(git["dirty"]).lower()})
-        if git["dirty"]: mlflow.log_text(redact_config(git["diff"]), "environment/git_diff.patch")
+    git_tags = {GIT_COMMIT: git["commit"], TAG_GIT_BRANCH: git["branch"], TAG_GIT_DIRTY: str(git["dirty"]).lower()} \
+        if git else {}
+    logged = log_params({**env, **(params or {})}, tags={**(tags or {}), **git_tags})
+    mlflow.log_text(requirements_text(), "environment/requirements.txt")
+    if git and git["dirty"]: mlflow.log_text(redact_config(git["diff"]), "environment/git_diff.patch")
     for f in config_files:
         mlflow.log_text(redact_config(Path(f).read_text(encoding="utf-8")), f"configs/{Path(f).name}")
-    return params
+    return logged

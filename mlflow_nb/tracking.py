@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import mlflow
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -176,13 +176,15 @@ def active_run_id() -> str:
 # %% ../nbs/04_tracking.ipynb #dbf3247a
 def log_params(params: dict,  # possibly nested; values of any type
                run_id: str | None = None,  # default: the active run
+               tags: dict | None = None,  # tags to set in the same call (one write for both)
               ) -> dict[str, str]:
-    "Log `params` under the flattening and long-value policy in batches; returns what was logged."
+    "Log `params` under the flattening and long-value policy in batches (`tags` with the first); what was logged."
     run_id = run_id or active_run_id()
     logged, full = param_items(params)
     client = MlflowClient()
-    items = [Param(k, v) for k, v in logged.items()]
-    for i in range(0, len(items), 100): client.log_batch(run_id, params=items[i:i + 100])
+    items, tag_items = [Param(k, v) for k, v in logged.items()], [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    for i in range(0, max(len(items), 1), 100):  # each MLflow write reloads the whole run: fewer writes, less time
+        client.log_batch(run_id, params=items[i:i + 100], tags=tag_items if i == 0 else [])
     for k, text in full.items(): client.log_text(run_id, text, f"params/{safe_name(k)}.txt")
     return logged
 

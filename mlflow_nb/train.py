@@ -292,17 +292,17 @@ class TrainResult:
         return f"models:/{self.model_name}/{self.version}" if self.version else None
 
 # %% ../nbs/07_train.ipynb #d4152457
-def _start_training_run(config: Config, prep: Prepared, tags: dict) -> dict[str, str]:
-    "Tags, config, environment, seed, params and dataset inputs of a training run; the dataset digests."
+def _start_training_run(config: Config, prep: Prepared, tags: dict | None) -> dict[str, str]:
+    "Config, environment, params, `tags` (unless the run has them), seed and dataset inputs; the dataset digests."
     mc = config.model
-    mlflow.set_tags(tags)
     log_config(config)
-    log_environment(list(config.files.values()), repo=config.folder)
-    set_seed(mc.training.random_state)
     data = {"source": mc.data.source, "target": mc.data.target, "rows_dropped": prep.rows_dropped,
             "n_train": len(prep.split.y_train), "n_test": len(prep.split.y_test), "n_features": prep.X.shape[1]}
-    log_params({"model": {"type": mc.estimator.type, "params": mc.estimator.params},
-                "training": mc.training.model_dump(), "data": data, "task": prep.task, "config_digest": config.digest})
+    log_environment(list(config.files.values()), repo=config.folder, tags=tags,  # one write: MLflow reloads the run
+                    params={"model": {"type": mc.estimator.type, "params": mc.estimator.params},  # on every write
+                            "training": mc.training.model_dump(), "data": data, "task": prep.task,
+                            "config_digest": config.digest})
+    set_seed(mc.training.random_state)
     return log_dataset_inputs(prep.split, prep.source)
 
 def _log_evaluation(pipeline, prep: Prepared, ev: Evaluation, config: Config, plots: bool) -> dict:
@@ -338,7 +338,7 @@ def train_model(data: pd.DataFrame | Prepared | None,  # frame with the target, 
     pipeline = build_pipeline(build_estimator(mc.estimator.type, mc.estimator.params, mc.training.random_state), prep.X)
     tags = {TAG_KIND: "train", TAG_CONFIG_DIGEST: config.digest, **(tags or {})}
     with tracked_run(run_name, run_id=run_id, tags=None if run_id else tags, parent_run_id=parent_run_id) as run:
-        digests = _start_training_run(config, prep, tags)
+        digests = _start_training_run(config, prep, tags if run_id else None)  # a new run got them from tracked_run
         fit_model(pipeline, prep.split.X_train, prep.split.y_train, mc.estimator.type)
         ev = evaluate(pipeline, prep, config)
         figs = _log_evaluation(pipeline, prep, ev, config, plots)
