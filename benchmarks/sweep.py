@@ -21,7 +21,7 @@ the anchor's `set_experiment` creates its store untimed, so the sweep's is too. 
     flock /tmp/mlflow_nb_bench.lock python benchmarks/sweep.py [--rounds 5] [--trials 16] [--base-trials 8]
 """
 from __future__ import annotations
-import argparse, itertools, json, os, sys, time
+import argparse, itertools, json, math, os, sys, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,7 +51,9 @@ def sweep_seconds(folder: Path, address: str, trials: int) -> float:
     "One sweep of `trials` configs through the scheduler at `address`, on a fresh store in `folder`."
     from mlflow_nb.sweep import run_sweep, search_space
     combos = grid(trials)
-    space = search_space([f"{k}={','.join(json.dumps(c[k]) for c in combos)}" for k in combos[0]])
+    values = {k: list(dict.fromkeys(json.dumps(c[k]) for c in combos)) for k in combos[0]}  # each value once: the
+    space = search_space([f"{k}={','.join(v)}" for k, v in values.items()])  # grid is exactly the anchor's configs
+    assert math.prod(len(v) for v in values.values()) == trials, values
     store = folder / f"sweep-{time.time_ns()}.db"
     from mlflow.tracking import MlflowClient
     MlflowClient(f"sqlite:///{store}").search_experiments()  # the store created untimed, as the anchor's is
