@@ -61,6 +61,9 @@ def dimension(key: str,  # the config key, e.g. model.params.max_depth
         if not isinstance(values, list) or not values: raise MlflowNbError(f"{at}: choice needs a non-empty list")
         if not all(v is None or type(v) in (str, int, float, bool) for v in values):
             raise MlflowNbError(f"{at}: choices must be text, numbers, true/false or null, got {values!r}"[:300])
+        keys = [json.dumps(v) for v in values]  # 1, 1.0 and true are three values here (Python finds them equal)
+        twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+        if twice: raise MlflowNbError(f"{at}: {twice} is listed twice (a repeat would run the same trial again)")
         return CategoricalDistribution(values)
     lo, hi = _bounds(at, spec[kind], int if kind == "int" else float)
     if log and lo <= 0: raise MlflowNbError(f"{at}: log scale needs a low bound above 0, got {lo}")
