@@ -74,11 +74,16 @@ def cli_cases(cases: list[list[str]], cwd: Path) -> list[tuple[int, str, str]]:
     subprocess (what a shell sees), the others through the same entry point, `main`, in this process (argparse, the
     config loader, the command and the error handler: everything but a fresh interpreter's 2 s of imports)."""
     first = run_cli(*cases[0], cwd=cwd)
-    results, here = [(first.returncode, first.stdout, first.stderr)], os.getcwd()
+    return [(first.returncode, first.stdout, first.stderr), *(cli_at(cwd, *args) for args in cases[1:])]
+
+
+def cli_at(cwd: Path, *args) -> tuple[int, str, str]:
+    """`cli(*args)` from the folder `cwd`: for a test's setup steps (train, promote) when the test is about what comes
+    after them, so that they cost their work and not a fresh interpreter's imports."""
+    here = os.getcwd()
     os.chdir(cwd)
-    try: results += [cli(*args) for args in cases[1:]]
+    try: return cli(*args)
     finally: os.chdir(here)
-    return results
 
 
 @pytest.fixture(scope="session")

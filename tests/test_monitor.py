@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, cli_cases, run_cli
+from conftest import CONFIGS, cli_at, cli_cases, run_cli
 from mlflow_nb.core import TAG_ALERTS, TAG_KIND, TAG_STEP, TAG_UNCHECKED_METRICS
 
 EXTERNAL = re.compile(r"""(src|href)=['"]?https?:|url\(|<script|<link""")  # anything a browser would fetch or run
@@ -45,9 +45,9 @@ def champion(tmp_path_factory):
     full.drop(unseen.index).to_csv(project / "known.csv", index=False)
     unseen.to_csv(project / "unseen.csv", index=False)
     full.assign(bmi=full.bmi + full.bmi.std(), s5=full.s5 * 3).to_csv(project / "shifted.csv", index=False)
-    r = run_cli("train", "-o", "model.params.n_estimators=30", "-o", f"data.source={project / 'known.csv'}", cwd=project)
-    assert r.returncode == 0, r.stderr
-    assert run_cli("promote", "--version", "1", cwd=project).returncode == 0
+    code, _, err = cli_at(project, "train", "-o", "model.params.n_estimators=30", "-o", f"data.source={project / 'known.csv'}")
+    assert code == 0, err
+    assert cli_at(project, "promote", "--version", "1")[0] == 0
     return project
 
 
@@ -320,8 +320,8 @@ def test_bad_current_data_is_refused_in_one_line(champion):
 
 def test_monitoring_records_its_run_and_report_through_the_server(tproject):
     project, uri, dev, model = tproject
-    assert run_cli("train", "-o", "model.params.n_estimators=20", cwd=project).returncode == 0
-    assert run_cli("promote", "--version", "1", cwd=project).returncode == 0
+    assert cli_at(project, "train", "-o", "model.params.n_estimators=20")[0] == 0
+    assert cli_at(project, "promote", "--version", "1")[0] == 0
     from mlflow_nb.data import load_dataset
     load_dataset("sklearn:diabetes").to_csv(project / "current.csv", index=False)
     r = run_cli("monitor", "--current", "current.csv", cwd=project)

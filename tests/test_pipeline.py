@@ -1,13 +1,15 @@
 """The papermill pipeline end to end, through the CLI: five nested step runs whose executed notebooks read as
 reports, the store given only by MLFLOW_TRACKING_URI (SQLite and the team server), secrets kept out of
-everything logged, hostile parameters, a failing step, Ctrl-C and SIGTERM, the MLflow-project command, reproduce."""
+everything logged, hostile parameters, a failing step, Ctrl-C and SIGTERM, the MLflow-project command, reproduce,
+and the pages a person opens afterwards (the logged step notebooks, the monitoring report) in a real browser."""
 import json, os, re, shutil, signal, socket, sqlite3, subprocess, sys, tempfile, threading, time, uuid
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CONFIGS, ROOT, child_env, cli_cases, run_cli
+from conftest import CONFIGS, ROOT, child_env, cli_at, cli_cases, run_cli
+from support.pages import launch, needs_chromium, open_page, problems
 from mlflow_nb.core import TAG_UNCHECKED_METRICS
 
 FAST = ["-o", "model.params.n_estimators=30", "-o", "validation.cv_folds=3"]
@@ -342,8 +344,8 @@ def _search(client, exp_name, flt=""):
 
 def test_a_killed_pipeline_is_cleaned_up_and_a_rerun_succeeds(project):
     "SIGKILL the pipeline runner mid-step: its runs end FAILED at the next start; the champion is untouched."
-    assert run_cli("train", *FAST, cwd=project).returncode == 0
-    assert run_cli("promote", "--version", "1", cwd=project).returncode == 0
+    assert cli_at(project, "train", *FAST)[0] == 0
+    assert cli_at(project, "promote", "--version", "1")[0] == 0
     uri = f"sqlite:///{project}/mlflow.db"
     client = MlflowClient(uri, uri)
     exe = Path(sys.executable).parent / "mlflow-nb"
@@ -404,3 +406,70 @@ def test_pipeline_on_the_team_server_by_uri_with_a_password(tmp_path, team):
                                                              "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
     assert password not in r.stderr + r.stdout and "ana:***@" in r.stderr
+
+
+# --- the pages a person opens after the run, in a real browser (the same finished pipeline: no run of their own) ---
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        context = launch(pw, tmp_path_factory.mktemp("chromium-profile"))
+        yield context
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def drift_report_page(finished_pipeline):
+    "report.html from `mlflow-nb monitor` on a copy of the data with bmi and s5 shifted."
+    fp = finished_pipeline
+    assert fp["rc"] == 0, fp["stderr"][-3000:]
+    from mlflow_nb.data import load_dataset
+    full = load_dataset("sklearn:diabetes")
+    full.assign(bmi=full.bmi + full.bmi.std(), s5=full.s5 * 3).to_csv(fp["project"] / "shifted.csv", index=False)
+    m = run_cli("monitor", "--current", "shifted.csv", "--out", "report", cwd=fp["project"], env=fp["env"])
+    assert m.returncode == 0, m.stderr[-3000:]
+    return fp["project"] / "report" / "report.html"
+
+
+@needs_chromium
+def test_the_monitoring_report_renders_offline_with_its_plots(browser, drift_report_page):
+    page = open_page(browser, drift_report_page)
+    assert page.title == "monitoring models:/diabetes_regressor@champion (version 1)", page.title
+    assert page.headings[0] == page.title and {"Alerts", "Distributions", "All columns"} <= set(page.headings)
+    assert "2 of 10 features drifted" in page.text
+    assert len(page.images) >= 2, page.images  # one histogram per drifted column: bmi and s5 at least
+    assert not problems(page), "\n".join(problems(page))
+
+
+@needs_chromium
+@pytest.mark.parametrize("step", STEPS)
+def test_a_logged_step_notebook_renders_offline(browser, finished_pipeline, tmp_path, step):
+    "`notebook/<step>.html` of the first (finished) pipeline run, downloaded through the store and opened."
+    client = finished_pipeline["client"]
+    first = _pipeline_runs(client)[0]
+    assert first.info.status == "FINISHED", finished_pipeline["stderr"][-3000:]
+    run_id = _children(client, first.info.run_id)[step].info.run_id
+    page = open_page(browser, Path(client.download_artifacts(run_id, f"notebook/{step}.html", str(tmp_path))))
+    found = problems(page)
+    if step not in page.title: found.append(f"the title does not name the step: {page.title!r}")
+    if not page.headings or not page.headings[0].startswith(f"Step: {step}"):
+        found.append(f"no 'Step: {step}' heading first: {page.headings}")
+    if "mlflow_nb.steps" not in page.text: found.append("the code cells did not render")
+    assert not found, "\n".join(found)
+
+
+@needs_chromium
+def test_the_checks_catch_a_page_that_leaks(browser, tmp_path):
+    "The checks above can fail: a remote image, a remote script, a broken inline image and a script error."
+    leaky = tmp_path / "leaky.html"
+    leaky.write_text("<!doctype html><html><head><title>leaky</title>"
+                     "<script src='https://cdn.example.invalid/lib.js'></script></head><body><h1>leaky</h1>"
+                     "<img src='https://example.invalid/x.png'><img src='data:image/png;base64,AAAA'>"
+                     "<img src='data:image/gif;base64,R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7'>"
+                     "<script>missing_function()</script></body></html>")
+    page = open_page(browser, leaky)
+    assert page.title == "leaky" and page.headings == ["leaky"]
+    assert sorted(page.left_page) == ["https://cdn.example.invalid/lib.js", "https://example.invalid/x.png"]
+    assert len(page.broken_images) == 2 and len(page.images) == 3, page.images
+    assert any("missing_function" in e for e in page.console_errors), page.console_errors

@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from support import team_server
-from conftest import cli_cases, run_cli
+from conftest import cli_at, cli_cases, run_cli
 
 FEATURES = ["age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6", "region"]
 REGIONS = ["north", "south", "east", "west"]
@@ -34,11 +34,12 @@ def _scoring_frame(n=24_000, seed=0):
     return df
 
 
-def _train(project, env=None, *extra):
+def _train(project, *extra):
+    "The model the scoring tests score with (setup: `mlflow-nb train` through the CLI's entry point, in this process)."
     _training_frame().to_csv(project / "train.csv", index=False)
-    r = run_cli("train", "-o", f"data.source={project / 'train.csv'}", "-o", "model.params.n_estimators=20", *extra,
-                cwd=project, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, _, err = cli_at(project, "train", "-o", f"data.source={project / 'train.csv'}", "-o", "model.params.n_estimators=20",
+                          *extra)
+    assert code == 0, err[-3000:]
 
 
 def _pyfunc(uri, version, frame):
@@ -82,7 +83,7 @@ def test_predict_equals_pyfunc_row_for_row_and_rejects_bad_rows(project, cluster
 def test_predict_a_parquet_folder_numbers_rows_when_there_is_no_key(project, cluster):
     "Two Parquet files of several row groups, scored by alias, without --keep: row_id follows the input's order."
     _train(project)
-    assert run_cli("promote", "--version", "1", cwd=project).returncode == 0
+    assert cli_at(project, "promote", "--version", "1")[0] == 0
     rows = _scoring_frame(n=3000, seed=1).drop(columns="id")
     (project / "in").mkdir()
     rows.iloc[:1800].to_parquet(project / "in" / "a.parquet", row_group_size=500)
@@ -141,12 +142,14 @@ def test_bad_predict_input_is_one_line_and_starts_no_run(project, cluster):
 
 
 @pytest.mark.skipif(not team_server.available(), reason="PostgreSQL binaries are not installed")
-def test_predict_against_the_server_given_only_by_the_environment(project, team, cluster):
+def test_predict_against_the_server_given_only_by_the_environment(project, team, cluster, monkeypatch):
     tag = project.name.replace("-", "_")[-30:]
     names = ["-o", f"experiments.default=dev_{tag}", "-o", f"experiments.production=prod_{tag}",
              "-o", f"model.name=model_{tag}"]
     env = {"MLFLOW_TRACKING_URI": team["uri"]}
-    _train(project, env, *names)
+    with monkeypatch.context() as m:
+        m.setenv("MLFLOW_TRACKING_URI", team["uri"])
+        _train(project, *names)
     _scoring_frame(n=2000).to_csv(project / "rows.csv", index=False)
     r = run_cli("predict", "--input", "rows.csv", "--output", "scored", "--model", f"model_{tag}/1", "--keep", "id",
                 "--scheduler", cluster["address"], "--quiet", *names, cwd=project, env=env)
