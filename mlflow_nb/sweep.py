@@ -102,7 +102,7 @@ def search_space(items: list[str] = (),  # `-g KEY=V1,V2` items
     space = {k: dimension(k, v, where) for k, v in raw.items()}
     for item in items:
         k, values = _grid_item(item)
-        space[k] = dimension(k, values, f"-g {k}")
+        space[k] = dimension(k, values, "-g")
     if not space: raise MlflowNbError("the search space is empty: give -g KEY=V1,V2 or --space FILE")
     return space
 

@@ -628,8 +628,8 @@ def test_missing_values_in_every_column_kind_score_alike_everywhere(tmp_path_fac
     text = cfg.read_text().replace('source: "sklearn:diabetes"', 'source: "../data.csv"')
     cfg.write_text(text.replace('name: "diabetes_regressor"', 'name: "mixed"'))
     for cmd in (["train"], ["promote", "--version", "1"]):
-        r = run_cli(*cmd, "--config", str(project / "configs"), "-o", "model.params.n_estimators=20", cwd=project)
-        assert r.returncode == 0, r.stderr
+        code, _, err = cli_at(project, *cmd, "--config", str(project / "configs"), "-o", "model.params.n_estimators=20")
+        assert code == 0, err
     _store(project)
     full = {"count": 4, "ratio": 1.2, "color": "red", "flag": "True"}  # as the model's signature types them
     rows = [full] + [{**full, col: None} for col in full] + [{c: None for c in full}]

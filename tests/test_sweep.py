@@ -84,7 +84,7 @@ def _no_stray_store(project, cluster):
 BAD = [(["sweep"], "search space is empty"),
        (["sweep", "-g", "model.params.max_depth=3,oops"], "max_depth"),
        (["sweep", "-g", "model.params.nope=1,2"], "nope"),
-       (["sweep", "-g", "model.params.max_depth=4,4,5"], "-g model.params.max_depth: model.params.max_depth: 4 is listed twice"),
+       (["sweep", "-g", "model.params.max_depth=4,4,5"], "-g: model.params.max_depth: 4 is listed twice"),
        (["sweep", "-g", "model.params.max_depth=[1,2"], "-g 'model.params.max_depth=[1,2': a value is not valid YAML"),
        (["sweep", "--grid-file", "bad.yaml"], "--grid-file bad.yaml: line 2: YAML syntax error"),
        (["sweep", "--space", "list.yaml"], "--space list.yaml: expected a mapping"),
