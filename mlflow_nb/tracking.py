@@ -183,7 +183,7 @@ def log_params(params: dict,  # possibly nested; values of any type
     logged, full = param_items(params)
     client = MlflowClient()
     items, tag_items = [Param(k, v) for k, v in logged.items()], [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-    for i in range(0, max(len(items), 1), 100):  # each MLflow write reloads the whole run: fewer writes, less time
+    for i in range(0, len(items) or len(tag_items), 100):  # tags alone: one batch; nothing: no write
         client.log_batch(run_id, params=items[i:i + 100], tags=tag_items if i == 0 else [])
     for k, text in full.items(): client.log_text(run_id, text, f"params/{safe_name(k)}.txt")
     return logged
